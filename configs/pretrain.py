@@ -1,0 +1,96 @@
+"""Pretraining recipes: `python -m moss_jax.train --config configs/pretrain.py:PRESET --workdir DIR`.
+
+Presets:
+  demo  tiny model on the shipped sample corpus; a 2-core CPU trains it in minutes.
+  4b    reference MOSS-Audio-4B shapes (encoder 32x1280, Qwen3-4B LLM).
+  8b    reference MOSS-Audio-8B shapes (same encoder, Qwen3-8B LLM).
+Any field can be overridden: `--config.optim.lr=3e-4`, `--config.data.train_manifests=a.jsonl,b.jsonl`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from configs import base
+
+SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "data_pipelines", "sample_corpus")
+
+
+def data_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.train_manifests = ""  # comma-separated JSONL paths
+  c.train_weights = ""  # comma-separated mixture weights ("" = proportional to size)
+  c.eval_manifest = ""
+  c.feature_mode = "waveform"  # waveform: mel on the accelerator | mel: NumPy mel on the host
+  c.time_markers = True
+  c.max_audio_seconds = 600.0
+  c.seed = 0
+  c.shuffle = True
+  c.num_workers = 0  # Grain worker processes per host (0 = in-process)
+  c.prefetch = 2
+  c.tokenizer = ml_collections.ConfigDict()
+  if preset == "demo":
+    c.train_manifests = os.path.join(SAMPLE_CORPUS, "train.jsonl")
+    c.eval_manifest = os.path.join(SAMPLE_CORPUS, "eval.jsonl")
+    c.batch_size = 8
+    c.max_tokens = 256
+    c.max_audio_chunks = 4
+    c.max_audio_seconds = 16.0
+    c.tokenizer.kind = "sentencepiece"
+    c.tokenizer.path = os.path.join(SAMPLE_CORPUS, "tokenizer.model")
+  else:
+    c.batch_size = 256
+    c.max_tokens = 4096
+    c.max_audio_chunks = 64
+    c.tokenizer.kind = "hf"
+    c.tokenizer.path = ""  # a directory or tokenizer.json of Qwen3
+    c.tokenizer.update(base.QWEN3_SPECIAL_IDS)
+  return c
+
+
+def optim_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.lr = 3e-3 if preset == "demo" else 1e-4
+  c.schedule = "cosine"  # cosine | constant | linear
+  c.warmup_steps = 20 if preset == "demo" else 2000
+  c.min_lr_ratio = 0.1
+  c.weight_decay = 0.01 if preset == "demo" else 0.1
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.clip_norm = 1.0
+  c.z_loss = 0.0
+  return c
+
+
+def train_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 300 if preset == "demo" else 100_000
+  c.stage = "full"  # adapter (stage 1: adapter + mergers) | full (stage 2) | encoder_frozen
+  c.grad_accum = 1
+  c.seed = 0
+  c.log_every = 10 if preset == "demo" else 50
+  c.eval_every = 0 if preset == "demo" else 2000
+  c.checkpoint_every = 100 if preset == "demo" else 1000
+  c.keep_checkpoints = 3
+  c.init_from = ""  # reference-format directory for the whole model
+  c.init_llm_from = ""  # Qwen3 causal-LM directory for the LLM only
+  c.init_encoder_from = ""  # MOSS-Audio directory whose encoder is taken
+  return c
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  preset = preset or "demo"
+  if preset not in ("demo", "4b", "8b"):
+    raise ValueError(f"unknown preset {preset!r}; choose demo, 4b or 8b")
+  config = ml_collections.ConfigDict()
+  config.preset = preset
+  config.model = base.model_config(preset)
+  config.data = data_config(preset)
+  config.optim = optim_config(preset)
+  config.train = train_config(preset)
+  config.mesh = base.mesh_config()
+  return config
