@@ -1,0 +1,1 @@
+"""Data pipelines: manifests, audio decoding, features, tokenizers, prompt templates, packing, Grain."""
