@@ -1,0 +1,145 @@
+"""The MOSS-Audio encoder (spec section 2): conv stem + Whisper pre-LN layers, run per 4 s chunk.
+
+Every chunk slot of the batch is an independent sequence: positions restart at 0, keys past
+ceil(frames / 8) are masked, and attention never crosses chunks. Shapes stay static (no truncation
+to the longest chunk): masked keys and discarded query rows leave the valid outputs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moss_jax.model import layers
+
+Array = jax.Array
+
+CONV_FREQ_OUT = 16  # 128 mel bins after three stride-2 convolutions; the reference hard-codes it
+
+
+def encoder_tokens(frames: Array) -> Array:
+  """Valid encoder tokens of a chunk with `frames` mel frames: ceil(frames / 8) (0 for empty)."""
+  return (frames + 7) // 8
+
+
+class EncoderAttention(nn.Module):
+  """Whisper self-attention: k_proj has no bias; q is scaled AFTER its bias is added."""
+  config: ml_collections.ConfigDict
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array) -> Array:
+    cfg = self.config
+    d, heads = cfg.d_model, cfg.encoder_attention_heads
+    head_dim = d // heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = layers.dense(d, ("audio_embed", "audio_heads"), use_bias=True, name="q_proj", **kw)(x)
+    k = layers.dense(d, ("audio_embed", "audio_heads"), use_bias=False, name="k_proj", **kw)(x)
+    v = layers.dense(d, ("audio_embed", "audio_heads"), use_bias=True, name="v_proj", **kw)(x)
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
+    names = ("audio_chunks", "length", "audio_heads", None)
+    q, k, v = (layers.constrain(split(t), names) for t in (q, k, v))
+    out = layers.attention(q, k, v, scale=1.0, bias=bias)
+    out = out.reshape(out.shape[:2] + (d,))
+    return layers.dense(d, ("audio_heads", "audio_embed"), use_bias=True, name="out_proj",
+                        **kw)(out)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LN Whisper block. Returns (carry, output) so the same class serves nn.scan."""
+  config: ml_collections.ConfigDict
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.layer_norm(cfg.layer_norm_eps, name="self_attn_layer_norm", **kw)(x)
+    x = x + EncoderAttention(cfg, name="self_attn", **kw)(h, bias)
+    h = layers.layer_norm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+    h = layers.dense(cfg.encoder_ffn_dim, ("audio_embed", "audio_mlp"), use_bias=True,
+                     name="fc1", **kw)(h)
+    h = nn.gelu(h, approximate=False)
+    h = layers.constrain(h, ("audio_chunks", "length", "audio_mlp"))
+    h = layers.dense(cfg.d_model, ("audio_mlp", "audio_embed"), use_bias=True, name="fc2", **kw)(h)
+    x = layers.constrain(x + h, ("audio_chunks", "length", "audio_embed"))
+    return x, x
+
+
+class AudioEncoder(nn.Module):
+  """audio_mel [B, C, 128, F] + frames [B, C] -> final [B*C, T', D] and DeepStack taps [K, B*C, T', D].
+
+  T' = ceil(F / 8). Taps are the raw residual stream after the listed layers (before the final
+  LayerNorm), spec 2.5.
+  """
+  config: ml_collections.ConfigDict  # config.model.audio
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def stem(self, mel: Array) -> Array:
+    """[N, 128, F] -> [N, T', D]: three stride-2 3x3 convs (NHWC, H = freq, W = time) + stem_proj."""
+    cfg = self.config
+    ch = cfg.downsample_hidden_size
+    x = mel.astype(self.dtype)[..., None]  # [N, 128, F, 1]
+    x = layers.constrain(x, ("audio_chunks", None, None, None))
+    for i, c_in in enumerate((1, ch, ch), start=1):
+      x = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"conv{i}",
+                  kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         ("conv_out",)))(x)
+      x = nn.gelu(x, approximate=False)
+      x = layers.constrain(x, ("audio_chunks", None, None, "conv_out"))
+    n, f, t, c = x.shape
+    if f != CONV_FREQ_OUT:
+      raise ValueError(f"the conv stem needs 128 mel bins (got {mel.shape[1]})")
+    # Reference flatten order is channel-major (index c * 16 + f): [N, F, T, C] -> [N, T, C, F].
+    x = jnp.transpose(x, (0, 2, 3, 1)).reshape(n, t, c * f)
+    x = layers.dense(cfg.d_model, ("conv_out", "audio_embed"), use_bias=True, name="stem_proj",
+                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x
+
+  @nn.compact
+  def __call__(self, audio_mel: Array, audio_chunk_frames: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    b, c, mels, f = audio_mel.shape
+    x = self.stem(audio_mel.reshape(b * c, mels, f))
+    t = x.shape[1]
+    pos = layers.sinusoid_positions(t, cfg.d_model).astype(self.dtype)
+    x = layers.constrain(x + pos[None], ("audio_chunks", "length", "audio_embed"))
+
+    valid = jnp.arange(t)[None, :] < encoder_tokens(audio_chunk_frames.reshape(b * c, 1))
+    bias = jnp.where(valid, 0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
+
+    x, outputs = self.run_layers(x, bias)
+    taps = tuple(cfg.deepstack_encoder_layer_indexes)
+    tapped = jnp.stack([outputs[i] for i in taps]) if taps else None
+    x = layers.layer_norm(cfg.layer_norm_eps, name="layer_norm", dtype=self.dtype,
+                          param_dtype=self.param_dtype)(x)
+    return x, tapped
+
+  def run_layers(self, x: Array, bias: Array) -> tuple[Array, Any]:
+    """All encoder layers; returns the last output and every layer's output (indexable by layer)."""
+    cfg = self.config
+    layer_cls = layers.maybe_remat(EncoderLayer, self.remat_policy, scanned=self.scan_layers)
+    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=nn.broadcast, length=cfg.encoder_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      return scanned(name="layers", **kw)(x, bias)
+    outputs = []
+    for i in range(cfg.encoder_layers):
+      x, _ = layer_cls(name=f"layers_{i}", **kw)(x, bias)
+      outputs.append(x)
+    return x, outputs

@@ -1,0 +1,82 @@
+"""MossAudioModel: encoder -> adapter / DeepStack mergers -> Qwen3 LLM -> lm_head.
+
+Audio placement is a static gather: `audio_token_index[b, l]` is the flat index (chunk * T' + t)
+into row b's encoder output, -1 for text. The adapter output replaces the text embedding there;
+merger k's output is added to the output of LLM layer k at the same positions (spec section 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moss_jax.model import layers
+from moss_jax.model.adapter import GatedMLP
+from moss_jax.model.encoder import AudioEncoder
+from moss_jax.model.llm import Qwen3Model
+
+Array = jax.Array
+
+
+def num_mergers(config: ml_collections.ConfigDict) -> int:
+  """min(len(taps), deepstack_num_inject_layers), as in the reference."""
+  return min(len(config.audio.deepstack_encoder_layer_indexes), config.deepstack_num_inject_layers)
+
+
+def gather_audio(features: Array, audio_token_index: Array) -> Array:
+  """features [B, N, H] gathered at audio_token_index [B, L] -> [B, L, H], zeros at text positions."""
+  idx = jnp.clip(audio_token_index, 0, features.shape[1] - 1)
+  picked = jnp.take_along_axis(features, idx[..., None], axis=1)
+  return jnp.where((audio_token_index >= 0)[..., None], picked, jnp.zeros_like(picked))
+
+
+class MossAudioModel(nn.Module):
+  """The whole model; `config` is config.model (configs/base.py:model_config)."""
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.config
+    dtype, pdtype = layers.as_dtype(cfg.dtype), layers.as_dtype(cfg.param_dtype)
+    self.audio_encoder = AudioEncoder(cfg.audio, dtype=dtype, param_dtype=pdtype,
+                                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+    mlp = dict(hidden_size=cfg.adapter_hidden_size, out_size=cfg.text.hidden_size, dtype=dtype,
+               param_dtype=pdtype)
+    self.audio_adapter = GatedMLP(**mlp)
+    self.deepstack_audio_merger_list = [GatedMLP(**mlp) for _ in range(num_mergers(cfg))]
+    self.language_model = Qwen3Model(cfg.text, dtype=dtype, param_dtype=pdtype,
+                                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+    self.lm_head = layers.dense(cfg.text.vocab_size, ("embed", "vocab"), use_bias=False,
+                                dtype=dtype, param_dtype=pdtype)
+
+  def encode_audio(self, audio_mel: Array, audio_chunk_frames: Array) -> tuple[Array, Array | None]:
+    """-> adapter_out [B, C*T', H] and merger_outs [K, B, C*T', H] (None when K = 0)."""
+    b, c = audio_chunk_frames.shape
+    final, taps = self.audio_encoder(audio_mel, audio_chunk_frames)
+    flat = lambda x: layers.constrain(x.reshape(b, -1, x.shape[-1]), ("batch", "length", None))
+    adapter_out = self.audio_adapter(flat(final))
+    mergers = self.deepstack_audio_merger_list
+    if not mergers:
+      return adapter_out, None
+    merger_outs = jnp.stack([m(flat(taps[k])) for k, m in enumerate(mergers)])
+    return adapter_out, merger_outs
+
+  def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
+               audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
+               audio_token_index: Array | None = None) -> Array:
+    """Float32 logits [B, L, vocab]. Without audio_mel the model runs as a plain text LLM."""
+    x = self.language_model.embed(input_ids)
+    inject = None
+    if audio_mel is not None:
+      adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
+      is_audio = (audio_token_index >= 0)[..., None]
+      x = jnp.where(is_audio, gather_audio(adapter_out, audio_token_index).astype(x.dtype), x)
+      if merger_outs is not None:
+        inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
+        inject = layers.constrain(inject, (None, "batch", "length", "embed"))
+    hidden = self.language_model(x, positions, segment_ids, inject)
+    logits = self.lm_head(hidden)
+    return layers.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)

@@ -1,0 +1,93 @@
+"""Parameter helpers: init (optionally sharded), abstract shapes, logical axes, layer stacking, counts.
+
+Params are plain nested dicts of arrays (no Flax boxes): the logical axis names live in
+`param_logical_axes`, which is computed from the same init function without allocating anything.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax.core import meta
+
+from moss_jax.model.moss_audio import MossAudioModel
+
+PyTree = Any
+_LAYER_KEY = re.compile(r"layers_(\d+)")
+
+
+def dummy_inputs(model_config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+  """The smallest inputs that touch every parameter (shapes of params never depend on them)."""
+  del model_config
+  ids = jnp.zeros((1, 8), jnp.int32)
+  index = jnp.full((1, 8), -1, jnp.int32).at[0, 1].set(0)
+  mel = jnp.zeros((1, 1, 128, 8), jnp.float32)
+  frames = jnp.full((1, 1), 8, jnp.int32)
+  return ids, ids, jnp.ones((1, 8), jnp.int32), mel, frames, index
+
+
+def _boxed_init(model_config: ml_collections.ConfigDict, rng: jax.Array) -> PyTree:
+  return MossAudioModel(model_config).init(rng, *dummy_inputs(model_config))["params"]
+
+
+def abstract_params(model_config: ml_collections.ConfigDict) -> PyTree:
+  """Pytree of jax.ShapeDtypeStruct (via jax.eval_shape: nothing is allocated)."""
+  return jax.eval_shape(lambda r: meta.unbox(_boxed_init(model_config, r)), jax.random.key(0))
+
+
+def param_logical_axes(model_config: ml_collections.ConfigDict) -> PyTree:
+  """Pytree of PartitionSpec holding the logical axis names of every parameter."""
+  boxed = jax.eval_shape(lambda r: _boxed_init(model_config, r), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def init_params(model_config: ml_collections.ConfigDict, rng: jax.Array,
+                mesh: jax.sharding.Mesh | None = None) -> PyTree:
+  """Fresh params (param_dtype), created directly in their sharded layout when a mesh is given."""
+  fn = lambda r: meta.unbox(_boxed_init(model_config, r))
+  if mesh is None:
+    return jax.jit(fn)(rng)
+  from moss_jax import sharding  # imported here: sharding imports this module
+  return jax.jit(fn, out_shardings=sharding.param_shardings(model_config, mesh))(rng)
+
+
+def stack_layers(tree: PyTree) -> PyTree:
+  """Unrolled tree (layers_0 .. layers_{n-1}) -> scanned tree (`layers`, layer index on axis 0)."""
+  if not isinstance(tree, dict):
+    return tree
+  indices = sorted(int(m.group(1)) for k in tree if (m := _LAYER_KEY.fullmatch(k)))
+  out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_KEY.fullmatch(k)}
+  if indices:
+    if indices != list(range(len(indices))):
+      raise ValueError(f"layer keys are not layers_0..layers_{len(indices) - 1}: {indices}")
+    if "layers" in out:
+      raise ValueError("tree has both `layers` and `layers_<i>` entries")
+    per_layer = [tree[f"layers_{i}"] for i in indices]
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return out
+
+
+def unstack_layers(tree: PyTree) -> PyTree:
+  """Scanned tree (`layers` with the layer index on axis 0) -> unrolled tree (layers_<i>)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "layers" and isinstance(value, dict):
+      n = jax.tree.leaves(value)[0].shape[0]
+      for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def count_params(tree: PyTree) -> int:
+  """Total number of scalars (works on arrays and on jax.ShapeDtypeStruct)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
