@@ -1,0 +1,156 @@
+"""Checks manifests before a run spends accelerator time on them.
+
+    python -m data_pipelines.validate MANIFEST.jsonl [MORE.jsonl ...] [--max-audio-seconds 600]
+                                      [--workers N] [--json]
+
+Every record is parsed and every audio decoded exactly as training would (manifest.parse_line and
+manifest.load_audios, the same functions the pipeline calls), so a record this tool accepts is one
+the pipeline will not skip for a data reason. Each problem is printed as `manifest:line: reason:
+detail`; then a summary (records, hours of audio, records per task, problems per reason). The exit
+status is 1 when any record has a problem, so the tool can gate a job script.
+
+Checks, by the reason they report (data_pipelines/errors.py):
+  malformed_json / bad_encoding / missing_field / bad_field   the record itself
+  missing_file / empty_file / corrupt_audio / unsupported_format / non_finite_audio   the audio
+  too_short   under one encoder token (8 mel frames, 80 ms)
+  too_long    over --max-audio-seconds
+  bad_timestamps   segments out of order, ending before they start, or past the end of the audio
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+from typing import Iterable, Iterator
+
+from data_pipelines import errors, manifest
+from moss_jax import batch as batch_lib
+
+DEFAULT_MAX_AUDIO_SECONDS = 600.0  # the reference's recommended ceiling (spec section 7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """The outcome for one manifest line: a task and audio seconds, or a problem."""
+  source: str
+  task: str | None = None
+  seconds: float = 0.0
+  audios: tuple[tuple[str, float, float], ...] = ()  # (path, offset, seconds decoded)
+  reason: str | None = None
+  detail: str | None = None
+  path: str | None = None
+
+  def problem_line(self) -> str:
+    where = f" (file {self.path})" if self.path else ""
+    return f"{self.source}: {self.reason}: {self.detail}{where}"
+
+
+def check_line(raw: manifest.RawLine, max_audio_seconds: float) -> Result:
+  """Parses and decodes one line; every data problem becomes a Result, never an exception."""
+  source = f"{raw.manifest}:{raw.lineno}"
+  try:
+    sample = manifest.parse_line(raw.data, raw.manifest, raw.lineno)
+    waves = manifest.load_audios(sample, max_audio_seconds)
+  except errors.BadRecordError as e:
+    return Result(source, reason=e.reason, detail=e.detail, path=e.path)
+  lengths = [len(w) / batch_lib.SAMPLE_RATE for w in waves]
+  audios = tuple((ref.path, ref.offset, n) for ref, n in zip(sample.audios, lengths))
+  return Result(source, task=sample.task, seconds=sum(lengths), audios=audios)
+
+
+def _raw_lines(paths: Iterable[str]) -> Iterator[manifest.RawLine]:
+  for path in paths:
+    with open(path, "rb") as f:
+      for lineno, line in enumerate(f, start=1):
+        if line.strip():
+          yield manifest.RawLine(line, path, lineno)
+
+
+def _check_star(args) -> Result:
+  return check_line(*args)
+
+
+def check_manifests(paths: list[str], max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+                    workers: int = 0) -> Iterator[Result]:
+  """Results for every non-blank line of `paths`, in file order (decoded in `workers` processes)."""
+  jobs = ((raw, max_audio_seconds) for raw in _raw_lines(paths))
+  if workers <= 0:
+    yield from map(_check_star, jobs)
+    return
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    yield from pool.imap(_check_star, jobs, chunksize=8)
+
+
+@dataclasses.dataclass
+class Summary:
+  """Totals over all results; `problems` counts records per reason."""
+  records: int = 0
+  good: int = 0
+  seconds: float = 0.0
+  distinct: dict = dataclasses.field(default_factory=dict)  # (path, offset) -> seconds
+  tasks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  problems: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def add(self, result: Result) -> None:
+    self.records += 1
+    if result.reason:
+      self.problems[result.reason] += 1
+      return
+    self.good += 1
+    self.seconds += result.seconds
+    self.tasks[result.task] += 1
+    for path, offset, seconds in result.audios:
+      self.distinct[(path, offset)] = seconds
+
+  @property
+  def distinct_seconds(self) -> float:
+    return sum(self.distinct.values())
+
+  def as_dict(self) -> dict:
+    return {"records": self.records, "good_records": self.good,
+            "hours": round(self.seconds / 3600, 4), "audio_files": len(self.distinct),
+            "distinct_hours": round(self.distinct_seconds / 3600, 4), "tasks": dict(sorted(self.tasks.items())),
+            "problems": dict(sorted(self.problems.items()))}
+
+  def text(self) -> str:
+    tasks = ", ".join(f"{k} {v}" for k, v in sorted(self.tasks.items())) or "none"
+    problems = ", ".join(f"{k} {v}" for k, v in sorted(self.problems.items())) or "none"
+    return (f"records: {self.records} ({self.good} good, {self.records - self.good} with problems)\n"
+            f"audio: {self.seconds / 3600:.4f} hours ({self.seconds:.1f} s) over the good records, "
+            f"{self.distinct_seconds / 3600:.4f} hours in {len(self.distinct)} distinct clips\n"
+            f"tasks: {tasks}\n"
+            f"problems: {problems}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m data_pipelines.validate",
+      description="Decode every audio of the manifests and report every bad record.")
+  parser.add_argument("manifests", nargs="+", metavar="MANIFEST")
+  parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
+                      help="longest clip accepted (default %(default)s; configs: "
+                      "data.max_audio_seconds)")
+  parser.add_argument("--workers", type=int, default=0,
+                      help="decoding processes (0 = in this process)")
+  parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+  args = parser.parse_args(argv)
+  missing = [p for p in args.manifests if not os.path.isfile(p)]
+  if missing:
+    print(f"manifest not found: {', '.join(missing)}", file=sys.stderr)
+    return 2
+  summary = Summary()
+  for result in check_manifests(args.manifests, args.max_audio_seconds, args.workers):
+    summary.add(result)
+    if result.reason:
+      print(result.problem_line(), flush=True)
+  print(json.dumps(summary.as_dict()) if args.json else summary.text())
+  return 1 if summary.problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
