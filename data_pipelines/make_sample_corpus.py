@@ -341,13 +341,24 @@ def _write_audio(out: str, clip: Clip) -> None:
     _fix_ogg_serial(path)
 
 
+def _crc_table() -> tuple[int, ...]:
+  table = []
+  for byte in range(256):
+    crc = byte << 24
+    for _ in range(8):
+      crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    table.append(crc)
+  return tuple(table)
+
+
+_OGG_CRC_TABLE = _crc_table()
+
+
 def _ogg_crc(data: bytes) -> int:
   """Ogg's page checksum: CRC-32, polynomial 0x04c11db7, not reflected, zero init."""
   crc = 0
   for byte in data:
-    crc ^= byte << 24
-    for _ in range(8):
-      crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC_TABLE[(crc >> 24) ^ byte]
   return crc
 
 
@@ -407,53 +418,43 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
-                  "<|audio_eos|>")
-PUNCT_TOKENS = ("[", "]", ".")  # the "[12.34]" timestamp format must never merge with words
-DIGITS = tuple("0123456789")
+# Timestamps "[1.25]" follow sentence ends ("...there.[3.31]"); without these as user-defined
+# pieces BPE learns ".[" and "][" and the same bracket gets two spellings.
+PUNCT_TOKENS = ("[", "]", ".")
 VOCAB_SIZE = 512  # configs/base.py: the demo LLM has 512 embedding rows
 
 
 def train_tokenizer(out: str, manifests: list[str], vocab_size: int = VOCAB_SIZE) -> None:
-  """Trains tokenizer.model on the manifests' text, via DATA-CORE's trainer when it exists."""
-  prefix = os.path.join(out, "tokenizer")
-  try:
-    from data_pipelines import tokenizers as dp_tokenizers  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    dp_tokenizers = None
-  if dp_tokenizers is not None and hasattr(dp_tokenizers, "train_sentencepiece"):
-    dp_tokenizers.train_sentencepiece(manifests, vocab_size=vocab_size, out_prefix=prefix)
-    return
-  _train_sentencepiece_directly(prefix, manifests, vocab_size)
+  """Writes tokenizer.model/.vocab: data_pipelines.tokenizers' sentencepiece settings and text
+  (templates included), plus PUNCT_TOKENS, as BPE (unigram degenerates on a few hundred lines).
 
-
-def _manifest_text(manifests: list[str]) -> list[str]:
-  lines = []
-  for path in manifests:
-    with open(path, encoding="utf-8") as f:
-      for row in map(json.loads, f):
-        lines += [row.get("question") or "", row.get("text") or ""]
-        lines += [s["text"] for s in row.get("segments") or []]
-  return [line for line in lines if line]
-
-
-def _train_sentencepiece_directly(prefix: str, manifests: list[str], vocab_size: int) -> None:
-  """BPE (unigram degenerates on a few hundred lines) from an in-memory sentence list, so no
-  temp path ends up inside the model."""
+  Trained from memory into memory so no path ends up inside the model (rebuilds stay
+  byte-identical wherever --out points).
+  """
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  from data_pipelines import templates, tokenizers  # pylint: disable=import-outside-toplevel
+  texts = [t for t in tokenizers.manifest_texts(manifests) if t]
+  # The prompt strings occur in every sample the model sees, so they get a sample's weight each
+  # and end up as a few pieces (shorter rows, faster demo) instead of letter soup.
+  texts += list(templates.fixed_texts()) * len(texts)
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_manifest_text(manifests)), model_writer=model,
-      model_type="bpe", vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
-      split_digits=True, num_threads=1, shuffle_input_sentence=False, hard_vocab_limit=False,
-      user_defined_symbols=list(SPECIAL_TOKENS[1:] + PUNCT_TOKENS + DIGITS),
-      unk_id=0, bos_id=-1, eos_id=-1, pad_id=1, pad_piece="<|endoftext|>", minloglevel=2)
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+      model_type="bpe",
+      user_defined_symbols=(list(tokenizers.SPECIAL_PIECES.values()) + list(tokenizers.DIGITS)
+                            + ["\n"] + list(PUNCT_TOKENS)),
+      normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+      split_digits=True, byte_fallback=True, character_coverage=1.0,
+      unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False,
+      num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+  prefix = os.path.join(out, "tokenizer")
   with open(prefix + ".model", "wb") as f:
     f.write(model.getvalue())
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
   with open(prefix + ".vocab", "w", encoding="utf-8") as f:
     for i in range(sp.get_piece_size()):
-      f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+      piece = sp.id_to_piece(i).replace("\n", "\\n")  # one line per piece
+      f.write(f"{piece}\t{sp.get_score(i):g}\n")
 
 
 # ----------------------------------------------------------------------------------------- main
