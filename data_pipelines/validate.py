@@ -1,11 +1,12 @@
 """Checks manifests before a run spends accelerator time on them.
 
     python -m data_pipelines.validate MANIFEST.jsonl [MORE.jsonl ...] [--max-audio-seconds 600]
-                                      [--workers N] [--json]
+                                      [--config configs/pretrain.py:demo] [--workers N] [--json]
 
-Every record is parsed and every audio decoded exactly as training would (manifest.parse_line and
-manifest.load_audios, the same functions the pipeline calls), so a record this tool accepts is one
-the pipeline will not skip for a data reason. Each problem is printed as `manifest:line: reason:
+Every record is parsed and every audio decoded by the training pipeline's own map step
+(pipeline.RecordEncoder.load), so a record this tool accepts is one the pipeline will not skip
+for a data reason. With --config the record is also tokenized and templated as that config trains
+it and checked against its row size (does_not_fit), and the config's max_audio_seconds applies. Each problem is printed as `manifest:line: reason:
 detail`; then a summary (records, hours of audio, records per task, problems per reason). The exit
 status is 1 when any record has a problem, so the tool can gate a job script.
 
@@ -15,6 +16,7 @@ Checks, by the reason they report (data_pipelines/errors.py):
   too_short   under one encoder token (8 mel frames, 80 ms)
   too_long    over --max-audio-seconds
   bad_timestamps   segments out of order, ending before they start, or past the end of the audio
+  does_not_fit     (--config) the encoded record needs more tokens or audio chunks than one row
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.util
 import json
 import multiprocessing
 import os
 import sys
 from typing import Iterable, Iterator
 
-from data_pipelines import errors, manifest
+from data_pipelines import errors, manifest, packing, pipeline, tokenizers
 from moss_jax import batch as batch_lib
 
 DEFAULT_MAX_AUDIO_SECONDS = 600.0  # the reference's recommended ceiling (spec section 7)
@@ -50,12 +53,18 @@ class Result:
     return f"{self.source}: {self.reason}: {self.detail}{where}"
 
 
-def check_line(raw: manifest.RawLine, max_audio_seconds: float) -> Result:
-  """Parses and decodes one line; every data problem becomes a Result, never an exception."""
+def check_line(raw: manifest.RawLine, encoder: pipeline.RecordEncoder,
+               spec: packing.PackSpec | None = None) -> Result:
+  """Parses and decodes one line (and encodes it when `spec` is given); a data problem becomes a
+  Result, never an exception."""
   source = f"{raw.manifest}:{raw.lineno}"
   try:
-    sample = manifest.parse_line(raw.data, raw.manifest, raw.lineno)
-    waves = manifest.load_audios(sample, max_audio_seconds)
+    sample, waves = encoder.load(raw)
+    if spec is not None:
+      encoded = encoder.encode(sample, waves)
+      if not packing.fits_empty_row(encoded, spec):
+        raise errors.BadRecordError(errors.DOES_NOT_FIT, packing.does_not_fit_detail(encoded, spec),
+                                    record=source)
   except errors.BadRecordError as e:
     return Result(source, reason=e.reason, detail=e.detail, path=e.path)
   lengths = [len(w) / batch_lib.SAMPLE_RATE for w in waves]
@@ -75,10 +84,40 @@ def _check_star(args) -> Result:
   return check_line(*args)
 
 
-def check_manifests(paths: list[str], max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
-                    workers: int = 0) -> Iterator[Result]:
-  """Results for every non-blank line of `paths`, in file order (decoded in `workers` processes)."""
-  jobs = ((raw, max_audio_seconds) for raw in _raw_lines(paths))
+def load_config(spec: str):
+  """'configs/pretrain.py:demo' -> that file's get_config('demo') (preset optional)."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_validate_config", path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def make_checker(config=None, max_audio_seconds: float | None = None):
+  """(encoder, spec): decode-only without a config; decode + encode + fit check with one."""
+  if config is None:
+    limit = DEFAULT_MAX_AUDIO_SECONDS if max_audio_seconds is None else max_audio_seconds
+    return pipeline.RecordEncoder(None, max_audio_seconds=limit), None  # load() needs no tokenizer
+  if max_audio_seconds is not None:
+    config = config.copy_and_resolve_references()
+    config.data.max_audio_seconds = max_audio_seconds
+  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  encoder = pipeline.RecordEncoder(
+      tokenizer, feature_mode=config.data.feature_mode, time_markers=config.data.time_markers,
+      max_audio_seconds=config.data.max_audio_seconds)
+  return encoder, pipeline.pack_spec(config, 1, tokenizer)
+
+
+def check_manifests(paths: list[str], max_audio_seconds: float | None = None, workers: int = 0,
+                    config=None) -> Iterator[Result]:
+  """Results for every non-blank line of `paths`, in file order (decoded in `workers` processes).
+
+  `max_audio_seconds` None means the config's limit, or DEFAULT_MAX_AUDIO_SECONDS without one.
+  """
+  encoder, spec = make_checker(config, max_audio_seconds)
+  jobs = ((raw, encoder, spec) for raw in _raw_lines(paths))
   if workers <= 0:
     yield from map(_check_star, jobs)
     return
@@ -132,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
       prog="python -m data_pipelines.validate",
       description="Decode every audio of the manifests and report every bad record.")
   parser.add_argument("manifests", nargs="+", metavar="MANIFEST")
-  parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
-                      help="longest clip accepted (default %(default)s; configs: "
-                      "data.max_audio_seconds)")
+  parser.add_argument("--max-audio-seconds", type=float, default=None,
+                      help=f"longest clip accepted (default: the config's data.max_audio_seconds, "
+                      f"else {DEFAULT_MAX_AUDIO_SECONDS:g})")
+  parser.add_argument("--config", default=None, metavar="FILE[:PRESET]",
+                      help="also encode each record as this config trains it and check it fits "
+                      "a row (e.g. configs/pretrain.py:demo)")
   parser.add_argument("--workers", type=int, default=0,
                       help="decoding processes (0 = in this process)")
   parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
@@ -143,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
   if missing:
     print(f"manifest not found: {', '.join(missing)}", file=sys.stderr)
     return 2
+  config = load_config(args.config) if args.config else None
   summary = Summary()
-  for result in check_manifests(args.manifests, args.max_audio_seconds, args.workers):
+  for result in check_manifests(args.manifests, args.max_audio_seconds, args.workers, config):
     summary.add(result)
     if result.reason:
       print(result.problem_line(), flush=True)

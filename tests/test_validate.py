@@ -64,7 +64,8 @@ def bad_manifest(tmp_path_factory):
 
 def test_sample_corpus_passes_as_subprocess():
   eval_manifest = os.path.join(CORPUS, "eval.jsonl")
-  proc = subprocess.run([sys.executable, "-m", "data_pipelines.validate", eval_manifest, "--json"],
+  proc = subprocess.run([sys.executable, "-m", "data_pipelines.validate", eval_manifest, "--json",
+                         "--config", "configs/pretrain.py:demo"],
                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,6 +88,20 @@ def test_every_bad_record_is_listed_with_line_and_reason(bad_manifest, capsys):
     assert any(l.startswith(f"{path}:{lineno}: {reason}: ") for l in problem_lines), (lineno, out)
   assert f"records: {len(expected) + 2} (2 good, {len(expected)} with problems)" in out
   assert "bad_timestamps 2" in out and "too_long 1" in out
+
+
+def test_config_adds_the_row_fit_check(capsys):
+  """With a config, records are encoded as it trains them; ones longer than a row are named."""
+  config = validate.load_config(os.path.join(REPO, "configs", "pretrain.py") + ":demo")
+  config.data.max_tokens = 100
+  manifest_path = os.path.join(CORPUS, "eval.jsonl")
+  results = list(validate.check_manifests([manifest_path], config=config))
+  too_big = [r for r in results if r.reason]
+  assert too_big and all(r.reason == "does_not_fit" for r in too_big)
+  assert len(too_big) < len(results)  # short ASR records still fit 100 tokens
+  assert all(r.source.startswith(manifest_path + ":") and "100" in r.detail for r in too_big)
+  # The decode-only check has no notion of rows: the same records pass.
+  assert not any(r.reason for r in validate.check_manifests([manifest_path]))
 
 
 def test_problem_counts_and_workers_agree(bad_manifest):
