@@ -28,6 +28,7 @@ STFT_CONTEXT = batch_lib.STFT_CONTEXT
 WAVEFORM_CHUNK_SAMPLES = batch_lib.WAVEFORM_CHUNK_SAMPLES
 MEL_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the per-audio maximum
+_FRAMES_PER_BLOCK = 2000  # 20 s of frames per FFT block: ~20 MB of float64 temporaries
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,10 +73,14 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
     return np.zeros((NUM_MEL_BINS, 0), np.float32)
   padded = _stft_padded(waveform).astype(np.float64)
   frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-  spectrum = np.fft.rfft(frames * hann_window(), axis=-1).astype(np.complex64)
-  power = np.abs(spectrum, dtype=np.float64) ** 2  # [frames_out + 1, 201]
-  mel = np.maximum(MEL_FLOOR, mel_filters() @ power.T)
-  log_spec = np.log10(mel).astype(np.float32)[:, :-1]
+  log_spec = np.empty((NUM_MEL_BINS, len(frames)), np.float32)
+  for start in range(0, len(frames), _FRAMES_PER_BLOCK):  # bounds memory on long recordings
+    block = frames[start:start + _FRAMES_PER_BLOCK]
+    spectrum = np.fft.rfft(block * hann_window(), axis=-1).astype(np.complex64)
+    power = np.abs(spectrum, dtype=np.float64) ** 2  # [frames, 201]
+    mel = np.maximum(MEL_FLOOR, mel_filters() @ power.T)
+    log_spec[:, start:start + len(block)] = np.log10(mel)
+  log_spec = log_spec[:, :-1]
   log_spec = np.maximum(log_spec, log_spec.max() - np.float32(DYNAMIC_RANGE))
   return (log_spec + np.float32(4.0)) / np.float32(4.0)
 

@@ -81,6 +81,16 @@ def test_real_recordings_match_the_reference(clips, reference):
     assert max(d_host, d_dev, d_both) <= TOL
 
 
+def test_host_mel_of_a_long_recording(real_audio_dir, reference):
+  """30 s of m4a: the host mel works in 20 s FFT blocks and still matches bit for bit."""
+  x = audio.load_audio(real_audio_dir / "monologue_zh.m4a")
+  host = features.log_mel(x)
+  assert host.shape[1] > features._FRAMES_PER_BLOCK  # pylint: disable=protected-access
+  d = _max_diff(host, reference(x))
+  print(f"monologue_zh.m4a: {len(x) / 16000:.2f} s, {host.shape[1]} frames: |host-ref| {d:.2e}")
+  assert d <= TOL
+
+
 def test_frame_counts():
   for n in (0, 1, 159, 160, 161, 63999, 64000, 64159, 64160, 64321):
     frames = n // 160
