@@ -1,0 +1,187 @@
+"""Start-up checks of a run config: every problem found is reported at once, in plain words.
+
+Called by train.py before anything is allocated, so a bad override (`--config.data.batch_size=6`
+on 8 devices) fails in a second with the reason instead of deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from moss_jax import batch as batch_lib
+from moss_jax import optim
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists every problem."""
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = list(problems)
+    super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
+
+
+def _mesh_dims(shape, num_devices: int, problems: list[str]) -> tuple[int, int, int] | None:
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3:
+    problems.append(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    return None
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    problems.append(f"mesh.shape {shape}: entries must be positive, with at most one -1")
+    return None
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      problems.append(f"mesh.shape {shape}: {known} does not divide the {num_devices} devices")
+      return None
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    problems.append(f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} "
+                    "are available (use -1 for the axis that takes the rest)")
+    return None
+  return shape
+
+
+def _check_model(model, tensor: int, problems: list[str]) -> None:
+  for name in ("dtype", "param_dtype"):
+    if model[name] not in DTYPES:
+      problems.append(f"model.{name}={model[name]!r}: choose one of {DTYPES}")
+  if model.audio.mel_dtype not in DTYPES:
+    problems.append(f"model.audio.mel_dtype={model.audio.mel_dtype!r}: choose one of {DTYPES}")
+  if model.remat_policy not in REMAT_POLICIES:
+    problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of {REMAT_POLICIES}")
+  text, audio = model.text, model.audio
+  if text.num_attention_heads % text.num_key_value_heads:
+    problems.append(f"model.text.num_attention_heads ({text.num_attention_heads}) must be a "
+                    f"multiple of num_key_value_heads ({text.num_key_value_heads})")
+  if audio.d_model % audio.encoder_attention_heads:
+    problems.append(f"model.audio.d_model ({audio.d_model}) must be divisible by "
+                    f"encoder_attention_heads ({audio.encoder_attention_heads})")
+  if audio.num_mel_bins != batch_lib.NUM_MEL_BINS:
+    problems.append(f"model.audio.num_mel_bins must be {batch_lib.NUM_MEL_BINS} (the conv stem "
+                    "expects 16 frequency rows after three stride-2 convolutions)")
+  bad_taps = [i for i in audio.deepstack_encoder_layer_indexes
+              if not 0 <= i < audio.encoder_layers]
+  if bad_taps:
+    problems.append(f"model.audio.deepstack_encoder_layer_indexes {bad_taps} are not encoder "
+                    f"layers (0..{audio.encoder_layers - 1})")
+  n_mergers = min(len(audio.deepstack_encoder_layer_indexes), model.deepstack_num_inject_layers)
+  if n_mergers > text.num_hidden_layers:
+    problems.append(f"{n_mergers} DeepStack mergers inject into more layers than the LLM has "
+                    f"({text.num_hidden_layers})")
+  for what, size in (("model.text.num_key_value_heads", text.num_key_value_heads),
+                     ("model.text.num_attention_heads", text.num_attention_heads),
+                     ("model.text.intermediate_size", text.intermediate_size),
+                     ("model.audio.encoder_attention_heads", audio.encoder_attention_heads),
+                     ("model.audio.encoder_ffn_dim", audio.encoder_ffn_dim),
+                     ("model.adapter_hidden_size", model.adapter_hidden_size)):
+    if tensor > 1 and size % tensor:
+      problems.append(f"{what}={size} is not divisible by the tensor axis ({tensor})")
+
+
+def _check_data(data, rows_per_shard_divisor: int, process_count: int, grad_accum: int,
+                check_paths: bool, problems: list[str]) -> None:
+  b = data.batch_size
+  if b <= 0:
+    problems.append(f"data.batch_size must be positive, got {b}")
+    return
+  if b % process_count:
+    problems.append(f"data.batch_size ({b}) must be divisible by the process count "
+                    f"({process_count}): each process feeds batch_size / process_count rows")
+  if grad_accum < 1 or b % grad_accum:
+    problems.append(f"data.batch_size ({b}) must be divisible by train.grad_accum ({grad_accum})")
+  elif (b // grad_accum) % rows_per_shard_divisor:
+    problems.append(f"the micro-batch of {b // grad_accum} rows (data.batch_size / "
+                    f"train.grad_accum) must be divisible by the data*fsdp mesh size "
+                    f"({rows_per_shard_divisor})")
+  if data.max_tokens < 2:
+    problems.append(f"data.max_tokens must be at least 2, got {data.max_tokens}")
+  if data.max_audio_chunks < 1:
+    problems.append(f"data.max_audio_chunks must be at least 1, got {data.max_audio_chunks}")
+  if data.feature_mode not in ("waveform", "mel"):
+    problems.append(f"data.feature_mode={data.feature_mode!r}: choose 'waveform' or 'mel'")
+  if data.max_audio_seconds > data.max_audio_chunks * batch_lib.CHUNK_FRAMES / 100.0:
+    problems.append(f"data.max_audio_seconds ({data.max_audio_seconds}) exceeds what "
+                    f"data.max_audio_chunks ({data.max_audio_chunks}) x 4 s chunks can hold")
+  manifests = [m for m in str(data.train_manifests).split(",") if m]
+  if not manifests:
+    problems.append("data.train_manifests is empty: pass --config.data.train_manifests=a.jsonl,b.jsonl")
+  weights = [w for w in str(data.train_weights).split(",") if w]
+  if weights:
+    if len(weights) != len(manifests):
+      problems.append(f"data.train_weights has {len(weights)} entries for {len(manifests)} manifests")
+    try:
+      if any(float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
+        problems.append("data.train_weights must be non-negative with a positive sum")
+    except ValueError:
+      problems.append(f"data.train_weights={data.train_weights!r} must be comma-separated numbers")
+  if check_paths:
+    for m in manifests:
+      if not os.path.exists(m):
+        problems.append(f"training manifest not found: {m}")
+    if data.eval_manifest and not os.path.exists(data.eval_manifest):
+      problems.append(f"eval manifest not found: {data.eval_manifest}")
+    tok = data.tokenizer
+    if not tok.get("path"):
+      problems.append("data.tokenizer.path is empty: point it at the tokenizer model/directory")
+    elif not os.path.exists(tok.path):
+      problems.append(f"tokenizer not found: {tok.path}")
+
+
+def _check_optim_train(optim_cfg, train, problems: list[str]) -> None:
+  if optim_cfg.lr <= 0:
+    problems.append(f"optim.lr must be positive, got {optim_cfg.lr}")
+  if optim_cfg.schedule not in optim.SCHEDULES:
+    problems.append(f"optim.schedule={optim_cfg.schedule!r}: choose one of {optim.SCHEDULES}")
+  if optim_cfg.warmup_steps < 0 or optim_cfg.warmup_steps > train.steps:
+    problems.append(f"optim.warmup_steps ({optim_cfg.warmup_steps}) must be in 0..train.steps "
+                    f"({train.steps})")
+  if not 0 <= optim_cfg.min_lr_ratio <= 1:
+    problems.append(f"optim.min_lr_ratio must be in [0, 1], got {optim_cfg.min_lr_ratio}")
+  if not (0 <= optim_cfg.b1 < 1 and 0 <= optim_cfg.b2 < 1):
+    problems.append(f"optim.b1/b2 must be in [0, 1), got {optim_cfg.b1}/{optim_cfg.b2}")
+  if optim_cfg.weight_decay < 0 or optim_cfg.clip_norm < 0 or optim_cfg.z_loss < 0:
+    problems.append("optim.weight_decay, optim.clip_norm and optim.z_loss must be >= 0")
+  if train.steps <= 0:
+    problems.append(f"train.steps must be positive, got {train.steps}")
+  if train.stage not in optim.STAGES:
+    problems.append(f"train.stage={train.stage!r}: choose one of {optim.STAGES} (adapter = "
+                    "stage 1, full = stage 2)")
+  for name in ("log_every", "eval_every", "checkpoint_every"):
+    if train[name] < 0:
+      problems.append(f"train.{name} must be >= 0, got {train[name]}")
+  if train.log_every == 0:
+    problems.append("train.log_every must be at least 1")
+  if train.get("max_consecutive_skips", 1) < 1:
+    problems.append("train.max_consecutive_skips must be at least 1")
+  if train.init_from and (train.init_llm_from or train.init_encoder_from):
+    problems.append("train.init_from loads the whole model: do not combine it with "
+                    "train.init_llm_from / train.init_encoder_from")
+  for name in ("init_from", "init_llm_from", "init_encoder_from", "init_from_checkpoint"):
+    path = train.get(name, "")
+    if path and not os.path.exists(path):
+      problems.append(f"train.{name} not found: {path}")
+
+
+def validate(config, num_devices: int, process_count: int = 1, check_paths: bool = True) -> None:
+  """Raises ConfigError listing every problem of `config` for this device/process count."""
+  problems: list[str] = []
+  for section in ("model", "data", "optim", "train", "mesh"):
+    if section not in config:
+      problems.append(f"config has no {section!r} section")
+  if problems:
+    raise ConfigError(problems)
+  dims = _mesh_dims(config.mesh.shape, num_devices, problems)
+  data_fsdp, tensor = (dims[0] * dims[1], dims[2]) if dims else (1, 1)
+  _check_model(config.model, tensor, problems)
+  _check_data(config.data, data_fsdp, process_count, config.train.grad_accum, check_paths,
+              problems)
+  _check_optim_train(config.optim, config.train, problems)
+  if config.model.text.vocab_size < 8:
+    problems.append("model.text.vocab_size is implausibly small")
+  if problems:
+    raise ConfigError(problems)

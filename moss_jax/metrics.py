@@ -1,0 +1,156 @@
+"""Training metrics: host-side aggregation between log points, and the three writers.
+
+Every step returns sums (loss sums, token counts per task, ...) rather than means, so a log
+interval's loss is the true token-weighted mean over all its steps. Only process 0 writes:
+a console progress line, TensorBoard event files (tensorboardX) and `metrics.jsonl` in the
+workdir, one JSON object per log point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from moss_jax import batch as batch_lib
+
+# Per-step metrics summed over a log interval; everything else keeps its latest value, except
+# grad_norm which is averaged over the steps that produced a finite one.
+SUMMED = ("ce_sum", "z_loss_sum", "tokens", "correct", "task_ce_sum", "task_tokens",
+          "task_correct", "audio_seconds", "input_tokens")
+
+
+class Accumulator:
+  """Collects the device metric dicts of the steps since the last log point."""
+
+  def __init__(self):
+    self._pending: list[Mapping[str, Any]] = []
+    self._t0 = time.perf_counter()
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    self._pending.append(metrics)  # device arrays: fetched only at `summary` (no per-step sync)
+
+  def __len__(self) -> int:
+    return len(self._pending)
+
+  def summary(self, tasks: Sequence[str] = batch_lib.TASKS) -> dict[str, float]:
+    """Token-weighted losses, accuracy, per-task losses and throughput; resets the interval."""
+    import jax
+    host = jax.device_get(self._pending)
+    elapsed = time.perf_counter() - self._t0
+    n = len(host)
+    self._pending, self._t0 = [], time.perf_counter()
+    if not n:
+      return {}
+    sums = {k: np.sum([np.asarray(m[k], np.float64) for m in host], axis=0)
+            for k in SUMMED if k in host[0]}
+    last = host[-1]
+    tokens = max(float(sums["tokens"]), 1.0)
+    out = {
+        "loss": float(sums["ce_sum"]) / tokens,
+        "accuracy": float(sums["correct"]) / tokens,
+        "label_tokens": float(sums["tokens"]),
+        "steps_in_interval": float(n),
+        "interval_seconds": elapsed,
+        "step_seconds": elapsed / n,
+        "tokens_per_second": float(sums["input_tokens"]) / max(elapsed, 1e-9),
+        "audio_seconds_per_second": float(sums["audio_seconds"]) / max(elapsed, 1e-9),
+    }
+    if "z_loss_sum" in sums:
+      out["z_loss"] = float(sums["z_loss_sum"]) / tokens
+    norms = [float(m["grad_norm"]) for m in host if math.isfinite(float(m["grad_norm"]))]
+    out["grad_norm"] = float(np.mean(norms)) if norms else float("nan")
+    for key in ("lr", "skipped_total", "consecutive_skipped"):
+      if key in last:
+        out[key] = float(last[key])
+    for i, task in enumerate(tasks):
+      count = float(sums["task_tokens"][i])
+      if count > 0:
+        out[f"loss/{task}"] = float(sums["task_ce_sum"][i]) / count
+        out[f"accuracy/{task}"] = float(sums["task_correct"][i]) / count
+    return out
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_line(step: int, total: int, m: Mapping[str, float]) -> str:
+  """The console line: step, loss, lr, throughput, MFU and ETA."""
+  eta = (total - step) * m.get("step_seconds", float("nan"))
+  parts = [
+      f"step {step}/{total}",
+      f"loss {m.get('loss', float('nan')):.4f}",
+      f"acc {m.get('accuracy', float('nan')):.3f}",
+      f"lr {m.get('lr', float('nan')):.3g}",
+      f"gnorm {m.get('grad_norm', float('nan')):.3g}",
+      f"tok/s {m.get('tokens_per_second', 0):.0f}",
+      f"audio s/s {m.get('audio_seconds_per_second', 0):.1f}",
+      f"mfu {100 * m.get('mfu', 0):.2f}%",
+      f"eta {format_eta(eta)}",
+  ]
+  if m.get("skipped_total"):
+    parts.append(f"skipped {int(m['skipped_total'])}")
+  return " | ".join(parts)
+
+
+def _jsonable(value):
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep them visible as strings
+  return value
+
+
+class MetricWriter:
+  """Writes scalars to the console, TensorBoard and JSONL (on process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               stream=None):
+    self.enabled = enabled
+    self._stream = stream or sys.stdout
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+  def console(self, line: str) -> None:
+    if self.enabled:
+      print(line, file=self._stream, flush=True)
+
+  def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+    """One JSONL record {"step", "split", **scalars} and one TensorBoard scalar each."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, "time": time.time()}
+    record.update({k: _jsonable(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in scalars.items():
+        if isinstance(value, (int, float, np.floating, np.integer)):
+          self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

@@ -1,0 +1,378 @@
+"""The training state, the loss, and the pure `train_step` / `eval_step`.
+
+State is a plain dict pytree (Orbax saves it as is):
+  step                 int32 scalar, batches consumed (skipped updates included)
+  params               the trainable half of the parameter tree (differentiated, has opt state)
+  frozen               the frozen half (a separate, non-differentiated argument of the loss)
+  opt_state            optax state of `params` only: frozen parameters carry none
+  skipped_total        int32, updates skipped because the loss or gradients were not finite
+  consecutive_skipped  int32, skips since the last good update (the run stops past a threshold)
+
+The loss follows the reference convention (spec 5.4): logits[t-1] predicts labels[t], -100 is
+ignored. Steps return token *sums* per task, so means over micro-batches, devices and log
+intervals are exact. Gradient accumulation differentiates the summed loss of each micro-batch
+and divides by the step's total label count once, so k micro-batches give the same update as
+one batch of k times the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moss_jax import batch as batch_lib
+from moss_jax import optim
+from moss_jax import sharding as sharding_lib
+
+PyTree = Any
+NUM_TASKS = len(batch_lib.TASKS)
+SCALAR_KEYS = ("step", "skipped_total", "consecutive_skipped")
+
+
+# ----------------------------------------------------------------------------- loss
+
+def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
+                z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Sums of cross-entropy, z-loss, label tokens and correct argmaxes, overall and per task.
+
+  logits [B, L, V] (any float dtype; computed in float32), labels / task_ids int32 [B, L].
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  tasks = task_ids[:, 1:]
+  valid = targets != batch_lib.IGNORE_INDEX
+  validf = valid.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  ce = (logz - target_logit) * validf
+  correct = ((jnp.argmax(logits, axis=-1) == targets) & valid).astype(jnp.float32)
+  onehot = jax.nn.one_hot(jnp.clip(tasks, 0, NUM_TASKS - 1), NUM_TASKS) * validf[..., None]
+  stats = {
+      "ce_sum": ce.sum(),
+      "tokens": validf.sum(),
+      "correct": correct.sum(),
+      "task_ce_sum": jnp.einsum("blt,bl->t", onehot, ce),
+      "task_tokens": onehot.sum(axis=(0, 1)),
+      "task_correct": jnp.einsum("blt,bl->t", onehot, correct),
+  }
+  stats["z_loss_sum"] = (z_loss * jnp.square(logz) * validf).sum() if z_loss else jnp.zeros(())
+  return stats
+
+
+def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Throughput counters of a batch: packed (non-padding) tokens and seconds of audio."""
+  return {
+      "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+      "audio_seconds": batch["audio_chunk_frames"].sum().astype(jnp.float32)
+                       * (batch_lib.HOP_LENGTH / batch_lib.SAMPLE_RATE),
+  }
+
+
+def make_forward(model, model_config) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
+  """(params, batch) -> float32 logits [B, L, V]; the mel is made on device when needed."""
+  from moss_jax.model.mel import model_audio_mel
+
+  def forward(params, batch):
+    mel = model_audio_mel(batch, model_config)
+    return model.apply({"params": params}, batch["input_ids"], batch["positions"],
+                       batch["segment_ids"], mel, batch["audio_chunk_frames"],
+                       batch["audio_token_index"])
+
+  return forward
+
+
+# ----------------------------------------------------------------------------- state
+
+def create_state(params: Mapping, optimizer: optax.GradientTransformation, stage: str) -> dict:
+  """Fresh state: split by stage, optimizer state for the trainable half only."""
+  trainable, frozen = optim.split_for_stage(params, stage)
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": trainable,
+      "frozen": frozen,
+      "opt_state": optimizer.init(trainable),
+      "skipped_total": jnp.zeros((), jnp.int32),
+      "consecutive_skipped": jnp.zeros((), jnp.int32),
+  }
+
+
+def full_params(state: Mapping) -> dict:
+  """The whole parameter tree of a state (trainable and frozen halves merged)."""
+  return optim.merge(state["params"], state["frozen"])
+
+
+def state_shardings(param_shardings: PyTree, abstract_params: PyTree,
+                    optimizer: optax.GradientTransformation, stage: str, mesh) -> dict:
+  """NamedSharding tree of the state: params as the model's logical rules say, moments alike."""
+  mask = optim.trainable_mask(abstract_params, stage)
+  train_sh, frozen_sh = optim.partition(param_shardings, mask)
+  train_abs, _ = optim.partition(abstract_params, mask)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  out = {k: replicated for k in SCALAR_KEYS}
+  out.update(params=train_sh, frozen=frozen_sh,
+             opt_state=optim.opt_state_shardings(optimizer, train_abs, train_sh, replicated))
+  return out
+
+
+def abstract_state(abstract_params: PyTree, optimizer: optax.GradientTransformation, stage: str,
+                   shardings: PyTree | None = None) -> PyTree:
+  """ShapeDtypeStruct tree of the state (with shardings when given): for AOT and restore."""
+  tree = jax.eval_shape(functools.partial(create_state, optimizer=optimizer, stage=stage),
+                        abstract_params)
+  if shardings is None:
+    return tree
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...
+
+  Interleaving (rather than contiguous blocks) keeps each device's rows spread evenly over the
+  micro-batches, so no micro-batch has to move rows between devices.
+  """
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+  return {name: split(x) for name, x in batch.items()}
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm over every leaf, accumulated in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
+                    schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
+                    micro_sharding: Any = None) -> Callable:
+  """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+
+  def micro_objective(trainable, frozen, micro):
+    params = optim.merge(trainable, jax.lax.stop_gradient(frozen))
+    logits = forward(params, micro)
+    stats = token_stats(logits, micro["labels"], micro["task_ids"], z_loss)
+    return stats["ce_sum"] + stats["z_loss_sum"], stats
+
+  grad_fn = jax.grad(micro_objective, has_aux=True)
+
+  def accumulate(trainable, frozen, batch):
+    if grad_accum == 1:
+      return grad_fn(trainable, frozen, batch)
+    micros = _split_micro(batch, grad_accum)
+
+    def body(carry, micro):
+      if micro_sharding is not None:
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+      grads, stats = grad_fn(trainable, frozen, micro)
+      return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+    zero_stats = jax.eval_shape(lambda: token_stats(
+        jnp.zeros((1, 2, 2)), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), z_loss))
+    zeros = (jax.tree.map(jnp.zeros_like, trainable),
+             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero_stats))
+    (grads, stats), _ = jax.lax.scan(body, zeros, micros)
+    return grads, stats
+
+  def train_step(state, batch):
+    grads, stats = accumulate(state["params"], state["frozen"], batch)
+    denom = jnp.maximum(stats["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    grad_norm = global_norm(grads)
+    loss = (stats["ce_sum"] + stats["z_loss_sum"]) / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    lr = schedule(state["step"])
+    directions, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], optim.apply_lr(directions, lr))
+    new_state = {
+        "step": state["step"] + 1,
+        "params": _select(finite, new_params, state["params"]),
+        "frozen": state["frozen"],
+        "opt_state": _select(finite, new_opt, state["opt_state"]),
+        "skipped_total": state["skipped_total"] + (~finite).astype(jnp.int32),
+        "consecutive_skipped": jnp.where(finite, 0, state["consecutive_skipped"] + 1),
+    }
+    metrics = dict(stats)
+    metrics.update(batch_stats(batch))
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, finite=finite.astype(jnp.int32),
+                   skipped_total=new_state["skipped_total"],
+                   consecutive_skipped=new_state["consecutive_skipped"])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(forward: Callable, z_loss: float = 0.0) -> Callable:
+  """`eval_step(params, batch) -> stats` (token sums, per task), forward only."""
+
+  def eval_step(params, batch):
+    logits = forward(params, batch)
+    stats = token_stats(logits, batch["labels"], batch["task_ids"], z_loss)
+    stats.update(batch_stats(batch))
+    return stats
+
+  return eval_step
+
+
+def metric_shardings(mesh) -> Callable[[PyTree], PyTree]:
+  """Every metric is a small replicated array."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return lambda tree: jax.tree.map(lambda _: replicated, tree)
+
+
+def jit_train_step(train_step: Callable, state_sh: PyTree, batch_sh: PyTree, mesh,
+                   abstract_state_tree: PyTree, abstract_batch: PyTree):
+  """jit with explicit in/out shardings; the state buffers are donated (updated in place)."""
+  out_metrics = jax.eval_shape(train_step, abstract_state_tree, abstract_batch)[1]
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, metric_shardings(mesh)(out_metrics)),
+                 donate_argnums=(0,))
+
+
+def host_batch_to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Each process's numpy rows -> one global jax.Array per field, sharded over the batch axes."""
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+          for name, x in batch.items()}
+
+
+def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """A schema-exact random batch (benchmarks, tests, AOT checks): no corpus needed.
+
+  Every row packs two samples; the first carries one audio clip (a full chunk, or two chunks when
+  the row has room) whose encoder tokens sit after a one-token prompt, the answer is supervised.
+  """
+  data = config.data
+  b = batch_size or data.batch_size
+  length, chunks = data.max_tokens, data.max_audio_chunks
+  vocab = config.model.text.vocab_size
+  rng = np.random.default_rng(seed)
+  shapes = batch_lib.batch_shapes(b, length, chunks, data.feature_mode)
+  out = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
+  out["labels"][:] = batch_lib.IGNORE_INDEX
+  out["audio_token_index"][:] = -1
+  tpc = batch_lib.TOKENS_PER_CHUNK
+  for r in range(b):
+    n_chunks = max(1, min(chunks, (length // 2 - 2) // tpc))
+    frames = [batch_lib.CHUNK_FRAMES] * (n_chunks - 1) + [int(rng.integers(8, 401))]
+    n_audio = sum(batch_lib.num_audio_tokens(f) for f in frames)
+    n_audio = min(n_audio, max(length // 2 - 2, 1))
+    first = min(length, n_audio + 2 + int(rng.integers(2, max(3, length // 4))))
+    seg_lengths = [first, int(rng.integers(0, length - first + 1))]
+    start = 0
+    for seg, seg_len in enumerate(seg_lengths, start=1):
+      if seg_len == 0:
+        continue
+      sl = slice(start, start + seg_len)
+      ids = rng.integers(1, vocab, seg_len)
+      out["input_ids"][r, sl] = ids
+      out["segment_ids"][r, sl] = seg
+      out["positions"][r, sl] = np.arange(seg_len)
+      out["task_ids"][r, sl] = rng.integers(0, NUM_TASKS)
+      answer_from = n_audio + 2 if seg == 1 else seg_len // 2
+      lab = ids.copy()
+      lab[:answer_from] = batch_lib.IGNORE_INDEX
+      out["labels"][r, sl] = lab
+      if seg == 1:
+        out["audio_token_index"][r, 1:1 + n_audio] = np.arange(n_audio)
+      start += seg_len
+    out["audio_chunk_frames"][r, :n_chunks] = frames
+    out["audio_chunk_audio_id"][r, :n_chunks] = 1
+  if "audio_mel" in out:
+    out["audio_mel"][:] = rng.normal(-0.2, 0.4, out["audio_mel"].shape).astype(np.float32)
+  else:
+    out["audio_waveform"][:] = rng.normal(0, 0.05, out["audio_waveform"].shape).astype(np.float32)
+  return out
+
+
+# ----------------------------------------------------------------------------- assembled program
+
+@dataclasses.dataclass
+class Program:
+  """Everything compiled for one config on one mesh: the model, shardings and jitted steps."""
+  config: Any
+  mesh: Any
+  model: Any
+  optimizer: optax.GradientTransformation
+  schedule: Callable
+  abstract_params: PyTree  # ShapeDtypeStruct with shardings
+  state_shardings: PyTree
+  abstract_state: PyTree  # ShapeDtypeStruct with shardings
+  batch_sharding: Any
+  abstract_batch: PyTree
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable  # jitted (params, batch) -> stats
+  forward: Callable  # jitted (params, batch) -> logits
+
+  def state_from_params(self, params: PyTree) -> dict:
+    """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
+    with sharding_lib.use_mesh(self.mesh):
+      return jax.jit(functools.partial(create_state, optimizer=self.optimizer,
+                                       stage=self.config.train.stage),
+                     out_shardings=self.state_shardings)(params)
+
+  def init_state(self, rng: jax.Array) -> dict:
+    from moss_jax.model import init_params
+    with sharding_lib.use_mesh(self.mesh):
+      params = init_params(self.config.model, rng, self.mesh)
+    return self.state_from_params(params)
+
+  def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return host_batch_to_global(local_batch, self.batch_sharding)
+
+  def step(self, state, batch):
+    with sharding_lib.use_mesh(self.mesh):
+      return self.train_step(state, batch)
+
+  def evaluate(self, params, batch):
+    with sharding_lib.use_mesh(self.mesh):
+      return self.eval_step(params, batch)
+
+
+def build_program(config, mesh) -> Program:
+  """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
+  from moss_jax.model import MossAudioModel, abstract_params as model_abstract_params
+  model = MossAudioModel(config=config.model)
+  forward = make_forward(model, config.model)
+  optimizer = optim.make_optimizer(config.optim)
+  schedule = optim.make_schedule(config.optim, config.train.steps)
+  stage = config.train.stage
+
+  p_sh = sharding_lib.param_shardings(config.model, mesh)
+  abs_params = model_abstract_params(config.model)
+  abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abs_params, p_sh)
+  st_sh = state_shardings(p_sh, abs_params, optimizer, stage, mesh)
+  abs_state = abstract_state(abs_params, optimizer, stage, st_sh)
+
+  row_sh = sharding_lib.batch_sharding(mesh)
+  shapes = batch_lib.batch_shapes_from_config(config)
+  abs_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=row_sh) for k, (s, d) in shapes.items()}
+  batch_sh = {k: row_sh for k in shapes}
+  k = config.train.grad_accum
+  micro_sh = None
+  if k > 1:
+    micro_sh = {name: row_sh for name in shapes}
+  step_fn = make_train_step(forward, optimizer, schedule, grad_accum=k,
+                            z_loss=float(config.optim.z_loss), micro_sharding=micro_sh)
+  with sharding_lib.use_mesh(mesh):
+    train_jit = jit_train_step(step_fn, st_sh, batch_sh, mesh, abs_state, abs_batch)
+    eval_fn = make_eval_step(forward, float(config.optim.z_loss))
+    rep = metric_shardings(mesh)
+    eval_out = jax.eval_shape(eval_fn, abs_params, abs_batch)
+    eval_jit = jax.jit(eval_fn, in_shardings=(p_sh, batch_sh), out_shardings=rep(eval_out))
+    forward_jit = jax.jit(forward, in_shardings=(p_sh, batch_sh))
+  return Program(config, mesh, model, optimizer, schedule, abs_params, st_sh, abs_state, row_sh,
+                 abs_batch, train_jit, eval_jit, forward_jit)
