@@ -193,6 +193,11 @@ def test_plan_reference_inputs_chunks_pads_to_global_max_and_indexes_row_major()
   short = reference.plan_reference_inputs(ids[:1, :20] * 0 + np.array([tid] * 16 + [1] * 4),
                                           mel[:1], [128], tid)
   assert short["audio_mel"].shape == (1, 1, 128, 128)
+  padded = reference.plan_reference_inputs(ids, mel, [968, 128], tid, num_chunk_slots=6)
+  assert padded["audio_chunk_frames"].shape == (2, 6) and padded["audio_chunk_frames"][0, 4:].sum() == 0
+  np.testing.assert_array_equal(padded["audio_token_index"], idx)
+  with pytest.raises(ValueError, match="needs 4 chunk slots"):
+    reference.plan_reference_inputs(ids, mel, [968, 128], tid, num_chunk_slots=3)
 
 
 def test_plan_reference_inputs_rejects_count_mismatch():

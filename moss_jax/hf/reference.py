@@ -36,13 +36,15 @@ def audio_token_id_for(audio_token_id: int | None = None, pretrained_dir: str | 
 
 
 def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_id: int,
-                          chunk_frames: int = CHUNK_FRAMES) -> dict[str, np.ndarray]:
+                          chunk_frames: int = CHUNK_FRAMES, num_chunk_slots: int | None = None
+                          ) -> dict[str, np.ndarray]:
   """Reference-layout inputs -> the model's batch fields (numpy).
 
   Audios are chunked in order; their tokens fill the placeholders row-major, exactly like the
   reference's masked_scatter. A row gets a chunk slot for every chunk any of its placeholders
   reads, so an audio may even straddle two rows (each row encodes its copy of the chunk; chunks
-  are independent, so the values are the same).
+  are independent, so the values are the same). `num_chunk_slots` pads C with empty slots
+  (frames 0, ignored by the model) so calls of different audio counts share one compiled shape.
   """
   ids = np.asarray(input_ids)
   if ids.ndim != 2:
@@ -68,6 +70,10 @@ def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_i
   for r, j in zip(rows, chunk_of):
     slots[r].setdefault(int(j), len(slots[r]))
   c = max([len(x) for x in slots] + [1])
+  if num_chunk_slots is not None:
+    if num_chunk_slots < c:
+      raise ValueError(f"a row needs {c} chunk slots, num_chunk_slots is {num_chunk_slots}")
+    c = num_chunk_slots
   index = np.full((b, s), -1, np.int32)
   slot = np.array([slots[r][int(j)] for r, j in zip(rows, chunk_of)], dtype=np.int64)
   index[rows, cols] = slot * t_prime + pos_in_chunk
@@ -97,9 +103,23 @@ def _check_audio(audio_mel, audio_mel_lengths):
   return mel, lengths
 
 
+_JIT_CACHE: list[tuple[object, object]] = []  # (model, jitted apply); a few recent models
+
+
+def _jitted_apply(model):
+  """One jitted apply per model object, so repeated calls with the same shapes compile once."""
+  for m, fn in _JIT_CACHE:
+    if m is model:
+      return fn
+  fn = jax.jit(model.apply)
+  _JIT_CACHE.append((model, fn))
+  del _JIT_CACHE[:-4]
+  return fn
+
+
 def reference_logits(model, params, input_ids, audio_mel=None, audio_mel_lengths=None,
                      audio_token_id: int | None = None, pretrained_dir: str | None = None,
-                     jit: bool = True) -> jax.Array:
+                     num_chunk_slots: int | None = None, jit: bool = True) -> jax.Array:
   """float32 logits [B, S, V] of our model for reference-layout inputs.
 
   Args:
@@ -112,13 +132,15 @@ def reference_logits(model, params, input_ids, audio_mel=None, audio_mel_lengths
     audio_mel_lengths: [n_audio] true frame counts (default: all `frames`).
     audio_token_id / pretrained_dir: the placeholder id, or the directory whose
       processor_config.json names it (default 151654).
+    num_chunk_slots: pad the chunk-slot axis to this size (fewer recompiles across calls).
     positions are 0..S-1 in every row and every token is attended (no padding mask), as in the
     reference forward without an attention mask.
   """
   token_id = audio_token_id_for(audio_token_id, pretrained_dir)
   chunk = model.config.audio.get("chunk_frames", CHUNK_FRAMES)
-  batch = plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, token_id, chunk)
-  apply = jax.jit(model.apply) if jit else model.apply
+  batch = plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, token_id, chunk,
+                                num_chunk_slots)
+  apply = _jitted_apply(model) if jit else model.apply
   params = params if set(params) == {"params"} else {"params": params}
   return apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
                jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["audio_mel"]),
