@@ -82,10 +82,16 @@ def unstack_layers(tree: PyTree) -> PyTree:
     if key == "layers" and isinstance(value, dict):
       n = jax.tree.leaves(value)[0].shape[0]
       for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: _layer_slice(x, i), value)
     else:
       out[key] = unstack_layers(value)
   return out
+
+
+def _layer_slice(x: Any, i: int) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):  # abstract trees (export planning) unstack too
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
 
 
 def count_params(tree: PyTree) -> int:
