@@ -1,4 +1,4 @@
-"""HF format pieces that need no PyTorch model: the name table, config I/O, files, input planning."""
+"""HF format pieces without the PyTorch model: name table, config I/O, files, input planning."""
 
 import json
 import os
@@ -98,7 +98,8 @@ def test_layout_transforms_invert_and_follow_torch():
   np.testing.assert_array_equal(mapping.from_hf(mapping.CONV, torch_conv), conv)
   dense = rng.normal(size=(3, 7))
   assert mapping.to_hf(mapping.LINEAR, dense).shape == (7, 3)
-  np.testing.assert_array_equal(mapping.from_hf(mapping.LINEAR, mapping.to_hf(mapping.LINEAR, dense)), dense)
+  back = mapping.from_hf(mapping.LINEAR, mapping.to_hf(mapping.LINEAR, dense))
+  np.testing.assert_array_equal(back, dense)
   assert mapping.flax_shape(mapping.CONV, (5, 2, 3, 3)) == (3, 3, 2, 5)
 
 
@@ -118,7 +119,8 @@ def test_config_json_round_trip_and_reference_fields():
     assert back[section].to_dict() == cfg[section].to_dict(), section
   assert back.adapter_hidden_size == 8192 and back.deepstack_num_inject_layers == 3
   proc = config_io.processor_config()
-  assert (proc["audio_token_id"], proc["audio_start_id"], proc["audio_end_id"]) == (151654, 151669, 151670)
+  ids = (proc["audio_token_id"], proc["audio_start_id"], proc["audio_end_id"])
+  assert ids == (151654, 151669, 151670)
   assert proc["mel_config"]["mel_dtype"] == "bfloat16" and proc["enable_time_marker"] is True
 
 
@@ -132,7 +134,8 @@ def test_config_rejects_what_the_model_cannot_run():
 
 def test_overrides_nested_and_dotted():
   cfg = config_io.apply_overrides(base.model_config("tiny"),
-                                  {"dtype": "bfloat16", "text.rope_theta": 10.0, "audio": {"encoder_layers": 2}})
+                                  {"dtype": "bfloat16", "text.rope_theta": 10.0,
+                                   "audio": {"encoder_layers": 2}})
   assert (cfg.dtype, cfg.text.rope_theta, cfg.audio.encoder_layers) == ("bfloat16", 10.0, 2)
   with pytest.raises(KeyError, match="no_such"):
     config_io.apply_overrides(base.model_config("tiny"), {"text.no_such": 1})
@@ -158,7 +161,8 @@ def test_safetensors_writer_reads_back_with_the_safetensors_package(tmp_path):
   np.testing.assert_array_equal(t["b.bias"].float().numpy(), tensors["b.bias"].astype(np.float32))
   # And the other way: a file from the package reads with ours.
   save_file({"c": tensors["a.weight"]}, str(tmp_path / "y.safetensors"))
-  np.testing.assert_array_equal(SafetensorsFile(str(tmp_path / "y.safetensors")).get("c"), tensors["a.weight"])
+  theirs = SafetensorsFile(str(tmp_path / "y.safetensors"))
+  np.testing.assert_array_equal(theirs.get("c"), tensors["a.weight"])
   assert load_file(path)["a.weight"].shape == (3, 5)
 
 
@@ -194,7 +198,8 @@ def test_plan_reference_inputs_chunks_pads_to_global_max_and_indexes_row_major()
                                           mel[:1], [128], tid)
   assert short["audio_mel"].shape == (1, 1, 128, 128)
   padded = reference.plan_reference_inputs(ids, mel, [968, 128], tid, num_chunk_slots=6)
-  assert padded["audio_chunk_frames"].shape == (2, 6) and padded["audio_chunk_frames"][0, 4:].sum() == 0
+  assert padded["audio_chunk_frames"].shape == (2, 6)
+  assert padded["audio_chunk_frames"][0, 4:].sum() == 0
   np.testing.assert_array_equal(padded["audio_token_index"], idx)
   with pytest.raises(ValueError, match="needs 4 chunk slots"):
     reference.plan_reference_inputs(ids, mel, [968, 128], tid, num_chunk_slots=3)

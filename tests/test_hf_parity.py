@@ -133,7 +133,8 @@ def test_save_pretrained_loads_strictly_into_pytorch(reference, tmp_path):
   again.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=True)
   again.eval()
   ids, mel, lengths = make_case([[968, 128]], True, seed=5)
-  np.testing.assert_array_equal(torch_logits(again, ids, mel, lengths), torch_logits(ref, ids, mel, lengths))
+  np.testing.assert_array_equal(torch_logits(again, ids, mel, lengths),
+                                torch_logits(ref, ids, mel, lengths))
 
 
 def _assert_same_tree(a, b):
@@ -160,7 +161,8 @@ def test_load_save_load_is_bit_identical(reference, tmp_path, scan):
 
 def test_sharded_save_writes_an_index_and_loads_back(reference, tmp_path):
   _, _, model, params = reference
-  files = hf.save_pretrained(str(tmp_path), model, params, dtype=jnp.bfloat16, max_shard_size="150KB")
+  files = hf.save_pretrained(str(tmp_path), model, params, dtype=jnp.bfloat16,
+                             max_shard_size="150KB")
   assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
   assert not os.path.exists(tmp_path / "model.safetensors")
   with open(tmp_path / "model.safetensors.index.json") as f:
@@ -174,7 +176,7 @@ def test_sharded_save_writes_an_index_and_loads_back(reference, tmp_path):
     assert all(st.header[k]["dtype"] == "BF16" for k in st.keys())
   assert index["metadata"]["total_size"] == sizes
   _, loaded = hf.load_pretrained(str(tmp_path))
-  want = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), params)
+  want = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)), params)
   _assert_same_tree(want, loaded)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["dtype"] == "bfloat16"
@@ -237,7 +239,8 @@ def test_qwen3_causal_lm_initialises_the_llm(reference, tmp_path, tied):
   with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
     assert ("lm_head.weight" in f.keys()) == (not tied)
   loaded = hf.load_qwen3_llm(str(tmp_path), params)
-  assert loaded["audio_adapter"]["up_proj"]["kernel"] is params["audio_adapter"]["up_proj"]["kernel"]
+  up = ("audio_adapter", "up_proj", "kernel")
+  assert mapping.get_leaf(loaded, up) is mapping.get_leaf(params, up)
   np.testing.assert_array_equal(np.asarray(loaded["language_model"]["norm"]["scale"]),
                                 qwen.model.norm.weight.detach().numpy())
   ids = np.random.default_rng(0).integers(0, 300, (2, 40))
@@ -254,4 +257,34 @@ def test_qwen3_causal_lm_initialises_the_llm(reference, tmp_path, tied):
   filled = hf.load_qwen3_llm(str(tmp_path), abstract)
   assert isinstance(filled["lm_head"]["kernel"], jax.Array)
   assert isinstance(filled["audio_adapter"]["up_proj"]["kernel"], jax.ShapeDtypeStruct)
-  np.testing.assert_array_equal(np.asarray(filled["lm_head"]["kernel"]), np.asarray(loaded["lm_head"]["kernel"]))
+  np.testing.assert_array_equal(np.asarray(filled["lm_head"]["kernel"]),
+                                np.asarray(loaded["lm_head"]["kernel"]))
+
+
+def test_load_onto_a_mesh_and_export_from_sharded_params(reference, tmp_path):
+  """On an 8-device fsdp mesh each leaf is placed sharded; exporting gathers it bit-exactly."""
+  from configs import base
+  from moss_jax import sharding
+  _, path, _, _ = reference
+  mesh = sharding.make_mesh(base.mesh_config())
+  model, params = hf.load_pretrained(path, mesh=mesh)
+  q = params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads]
+  path_q = ("language_model", "layers", "self_attn", "q_proj", "kernel")
+  want = mapping.get_leaf(sharding.param_shardings(model.config, mesh), path_q)
+  assert q.sharding.spec == want.spec
+  assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
+  hf.save_pretrained(str(tmp_path), model, params, dtype=jnp.float32)
+  src, dst = io.CheckpointReader(path), io.CheckpointReader(str(tmp_path))
+  assert all(src.raw_bytes(n) == dst.raw_bytes(n) for n in src.keys())
+
+
+def test_qwen3_checkpoint_that_does_not_fit_names_the_leaves(reference, tmp_path):
+  from transformers import Qwen3Config, Qwen3ForCausalLM
+  _, _, _, params = reference
+  lang = {k: v for k, v in tr.tiny_reference_config()["language_config"].items()
+          if k not in ("architectures", "model_type", "layer_types")}
+  lang.update(num_hidden_layers=3, max_window_layers=3)
+  Qwen3ForCausalLM(Qwen3Config(**lang)).save_pretrained(str(tmp_path), safe_serialization=True)
+  want = r"language_model/layers/mlp/up_proj/kernel: tree \(4, 48, 96\)"
+  with pytest.raises(hf.CheckpointMismatchError, match=want):
+    hf.load_qwen3_llm(str(tmp_path), params)

@@ -1,4 +1,4 @@
-"""Reference config files (config.json, processor_config.json, generation_config.json) <-> config.model.
+"""Reference config files (config.json, processor_config.json, generation_config.json) <-> ours.
 
 The reference config.json (spec 6.2) holds an `audio_config` (Whisper-style encoder fields), a
 `language_config` (a Qwen3 config) and a few top-level fields. Reading it yields our
@@ -38,7 +38,8 @@ def model_config_from_hf(config: Mapping[str, Any]) -> ml_collections.ConfigDict
   a, t = config["audio_config"], config["language_config"]
   problems = _unsupported(config)
   if problems:
-    raise ValueError("config.json asks for what this model does not implement: " + "; ".join(problems))
+    raise ValueError("config.json asks for what this model does not implement: "
+                     + "; ".join(problems))
   c = base.model_config("tiny")  # defaults for the non-shape fields; shapes overwritten below
   c.audio.num_mel_bins = int(a["num_mel_bins"])
   c.audio.chunk_frames = 2 * int(a.get("n_window", CHUNK_FRAMES // 2))
@@ -48,7 +49,8 @@ def model_config_from_hf(config: Mapping[str, Any]) -> ml_collections.ConfigDict
   c.audio.encoder_attention_heads = int(a["encoder_attention_heads"])
   c.audio.encoder_ffn_dim = int(a["encoder_ffn_dim"])
   c.audio.downsample_hidden_size = int(a["downsample_hidden_size"])
-  c.audio.deepstack_encoder_layer_indexes = tuple(int(i) for i in a["deepstack_encoder_layer_indexes"])
+  c.audio.deepstack_encoder_layer_indexes = tuple(
+      int(i) for i in a["deepstack_encoder_layer_indexes"])
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
     c.text[key] = int(t[key])
@@ -77,7 +79,8 @@ def _unsupported(config: Mapping[str, Any]) -> list[str]:
     out.append("language attention_bias")
   if t.get("rope_scaling"):
     out.append(f"rope_scaling {t['rope_scaling']}")
-  if t.get("use_sliding_window", False) or any(x != "full_attention" for x in t.get("layer_types") or []):
+  layer_types = t.get("layer_types") or []
+  if t.get("use_sliding_window", False) or any(x != "full_attention" for x in layer_types):
     out.append("sliding-window attention")
   if config.get("tie_word_embeddings", False):
     out.append("tie_word_embeddings at top level (the reference has a separate lm_head)")

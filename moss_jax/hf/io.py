@@ -144,9 +144,11 @@ def load_pretrained(path: str, dtype=jnp.float32, config_overrides: Mapping[str,
 
 
 def config_from_pretrained(path: str, dtype=jnp.float32,
-                           config_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+                           config_overrides: Mapping[str, Any] | None = None
+                           ) -> ml_collections.ConfigDict:
   """config.model for a reference-format directory (what load_pretrained builds the model with)."""
-  model_config = config_io.model_config_from_hf(config_io.read_json(os.path.join(path, "config.json")))
+  hf_config = config_io.read_json(os.path.join(path, "config.json"))
+  model_config = config_io.model_config_from_hf(hf_config)
   name = jnp.dtype(dtype).name
   model_config.param_dtype = name
   model_config.dtype = name
@@ -290,7 +292,8 @@ def load_qwen3_llm(path: str, params_or_abstract: Mapping, dtype=None) -> dict:
   tree = _unwrap(params_or_abstract)
   qcfg = config_io.read_json(os.path.join(path, "config.json"))
   text = _qwen3_text_config(qcfg)
-  cfg = ml_collections.ConfigDict({"text": text.to_dict(), "scan_layers": mapping.tree_is_scanned(tree)})
+  cfg = ml_collections.ConfigDict({"text": text.to_dict(),
+                                   "scan_layers": mapping.tree_is_scanned(tree)})
   entries = mapping.entries(cfg, parts=mapping.LLM_PARTS)
   tied = bool(qcfg.get("tie_word_embeddings", False))
   names = {mapping.rename_for_qwen3(e.hf_key): e for e in entries}
@@ -336,7 +339,9 @@ def _check_tree_shapes(tree: Mapping, entries: list[mapping.Entry]) -> None:
   """The target tree's LLM leaves must have the checkpoint's shapes (names every mismatch)."""
   problems = []
   for flax_path, group in _group_by_leaf(entries).items():
-    want = group[0].flax_shape if group[0].stack_index is None else (len(group),) + group[0].flax_shape
+    want = group[0].flax_shape
+    if group[0].stack_index is not None:
+      want = (len(group),) + want
     try:
       got = tuple(mapping.get_leaf(tree, flax_path).shape)
     except KeyError:
@@ -345,7 +350,8 @@ def _check_tree_shapes(tree: Mapping, entries: list[mapping.Entry]) -> None:
     if got != want:
       problems.append(f"{'/'.join(flax_path)}: tree {got}, checkpoint gives {want}")
   if problems:
-    raise CheckpointMismatchError("the Qwen3 checkpoint does not fit the model's LLM: " + "; ".join(problems))
+    raise CheckpointMismatchError("the Qwen3 checkpoint does not fit the model's LLM: "
+                                  + "; ".join(problems))
 
 
 def _copy_tree(tree: Mapping) -> dict:

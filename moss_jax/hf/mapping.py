@@ -80,28 +80,29 @@ GROUP_SIZES: dict[str, Callable[[Any], int]] = {
 
 
 def _gated_mlp(flax_prefix: str, hf_prefix: str, group: str | None) -> list[Rule]:
-  return [
-      Rule(f"{flax_prefix}/gate_proj/kernel", f"{hf_prefix}.gate_proj.weight", LINEAR, ("A", "D"), group),
-      Rule(f"{flax_prefix}/up_proj/kernel", f"{hf_prefix}.up_proj.weight", LINEAR, ("A", "D"), group),
-      Rule(f"{flax_prefix}/down_proj/kernel", f"{hf_prefix}.down_proj.weight", LINEAR, ("H", "A"), group),
-  ]
+  return [Rule(f"{flax_prefix}/{proj}/kernel", f"{hf_prefix}.{proj}.weight", LINEAR, shape, group)
+          for proj, shape in (("gate_proj", ("A", "D")), ("up_proj", ("A", "D")),
+                              ("down_proj", ("H", "A")))]
 
 
 def _encoder_rules() -> list[Rule]:
   rules = []
   for n, cin in (("conv1", 1), ("conv2", "C"), ("conv3", "C")):
-    rules += [Rule(f"audio_encoder/{n}/kernel", f"audio_encoder.{n}.weight", CONV, ("C", cin, 3, 3)),
-              Rule(f"audio_encoder/{n}/bias", f"audio_encoder.{n}.bias", COPY, ("C",))]
-  rules += [Rule("audio_encoder/stem_proj/kernel", "audio_encoder.stem_proj.weight", LINEAR, ("D", "S")),
-            Rule("audio_encoder/stem_proj/bias", "audio_encoder.stem_proj.bias", COPY, ("D",))]
+    rules += [
+        Rule(f"audio_encoder/{n}/kernel", f"audio_encoder.{n}.weight", CONV, ("C", cin, 3, 3)),
+        Rule(f"audio_encoder/{n}/bias", f"audio_encoder.{n}.bias", COPY, ("C",))]
+  rules += [
+      Rule("audio_encoder/stem_proj/kernel", "audio_encoder.stem_proj.weight", LINEAR, ("D", "S")),
+      Rule("audio_encoder/stem_proj/bias", "audio_encoder.stem_proj.bias", COPY, ("D",))]
   f, h, g = "audio_encoder/{layers}", "audio_encoder.layers.{i}", ENCODER_LAYERS
   for ln in ("self_attn_layer_norm", "final_layer_norm"):
     rules += [Rule(f"{f}/{ln}/scale", f"{h}.{ln}.weight", COPY, ("D",), g),
               Rule(f"{f}/{ln}/bias", f"{h}.{ln}.bias", COPY, ("D",), g)]
   for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-    rules.append(Rule(f"{f}/self_attn/{proj}/kernel", f"{h}.self_attn.{proj}.weight", LINEAR, ("D", "D"), g))
+    a, b = f"{f}/self_attn/{proj}", f"{h}.self_attn.{proj}"
+    rules.append(Rule(f"{a}/kernel", f"{b}.weight", LINEAR, ("D", "D"), g))
     if proj != "k_proj":  # Whisper's k_proj has no bias (spec 2.3)
-      rules.append(Rule(f"{f}/self_attn/{proj}/bias", f"{h}.self_attn.{proj}.bias", COPY, ("D",), g))
+      rules.append(Rule(f"{a}/bias", f"{b}.bias", COPY, ("D",), g))
   rules += [Rule(f"{f}/fc1/kernel", f"{h}.fc1.weight", LINEAR, ("F", "D"), g),
             Rule(f"{f}/fc1/bias", f"{h}.fc1.bias", COPY, ("F",), g),
             Rule(f"{f}/fc2/kernel", f"{h}.fc2.weight", LINEAR, ("D", "F"), g),
@@ -113,15 +114,19 @@ def _encoder_rules() -> list[Rule]:
 
 def _llm_rules() -> list[Rule]:
   f, h, g = "language_model/{layers}", "language_model.layers.{i}", LLM_LAYERS
-  rules = [Rule("language_model/embed_tokens/embedding", "language_model.embed_tokens.weight", COPY, ("V", "H"))]
+  rules = [Rule("language_model/embed_tokens/embedding", "language_model.embed_tokens.weight",
+                COPY, ("V", "H"))]
   rules.append(Rule(f"{f}/input_layernorm/scale", f"{h}.input_layernorm.weight", COPY, ("H",), g))
   for proj, shape in (("q_proj", ("Q", "H")), ("k_proj", ("K", "H")), ("v_proj", ("K", "H")),
                       ("o_proj", ("H", "Q"))):
-    rules.append(Rule(f"{f}/self_attn/{proj}/kernel", f"{h}.self_attn.{proj}.weight", LINEAR, shape, g))
+    rules.append(Rule(f"{f}/self_attn/{proj}/kernel", f"{h}.self_attn.{proj}.weight", LINEAR,
+                      shape, g))
   rules += [Rule(f"{f}/self_attn/q_norm/scale", f"{h}.self_attn.q_norm.weight", COPY, ("Hd",), g),
             Rule(f"{f}/self_attn/k_norm/scale", f"{h}.self_attn.k_norm.weight", COPY, ("Hd",), g),
-            Rule(f"{f}/post_attention_layernorm/scale", f"{h}.post_attention_layernorm.weight", COPY, ("H",), g)]
-  for proj, shape in (("gate_proj", ("I", "H")), ("up_proj", ("I", "H")), ("down_proj", ("H", "I"))):
+            Rule(f"{f}/post_attention_layernorm/scale", f"{h}.post_attention_layernorm.weight",
+                 COPY, ("H",), g)]
+  for proj, shape in (("gate_proj", ("I", "H")), ("up_proj", ("I", "H")),
+                      ("down_proj", ("H", "I"))):
     rules.append(Rule(f"{f}/mlp/{proj}/kernel", f"{h}.mlp.{proj}.weight", LINEAR, shape, g))
   rules.append(Rule("language_model/norm/scale", "language_model.norm.weight", COPY, ("H",)))
   return rules
@@ -195,7 +200,8 @@ def hf_manifest(model_config) -> dict[str, tuple[int, ...]]:
   return {e.hf_key: e.hf_shape for e in entries(model_config)}
 
 
-def flax_shapes(model_config, scan_layers: bool | None = None) -> dict[tuple[str, ...], tuple[int, ...]]:
+def flax_shapes(model_config, scan_layers: bool | None = None
+                ) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{Flax path: leaf shape} the table expects (scanned leaves carry the layer count on axis 0)."""
   shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
   counts: dict[tuple[str, ...], int] = {}

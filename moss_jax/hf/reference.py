@@ -84,7 +84,8 @@ def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_i
       a, st, f = chunks[j]
       frames[r, k] = f
       out_mel[r, k, :, :f] = mel[a, :, st:st + f]
-  return dict(input_ids=ids.astype(np.int32), positions=np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+  positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+  return dict(input_ids=ids.astype(np.int32), positions=positions,
               segment_ids=np.ones((b, s), np.int32), audio_mel=out_mel, audio_chunk_frames=frames,
               audio_token_index=index)
 

@@ -69,7 +69,8 @@ class SafetensorsFile:
 
 
 def write_file(path: str, specs: Iterable[tuple[str, tuple[int, ...], Any]],
-               produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
+               produce: Callable[[str], np.ndarray],
+               metadata: Mapping[str, str] | None = None) -> int:
   """Writes tensors described by (name, shape, dtype), calling `produce(name)` one at a time.
 
   Returns the number of tensor bytes written. Tensors are stored in the given order.
@@ -79,7 +80,8 @@ def write_file(path: str, specs: Iterable[tuple[str, tuple[int, ...], Any]],
   offset = 0
   for name, shape, dtype in specs:
     size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+    header[name] = {"dtype": dtype_code(dtype), "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
@@ -90,7 +92,8 @@ def write_file(path: str, specs: Iterable[tuple[str, tuple[int, ...], Any]],
     for name, shape, dtype in specs:
       arr = np.ascontiguousarray(produce(name))
       if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-        raise ValueError(f"{name}: produced {arr.shape} {arr.dtype}, header says {tuple(shape)} {np.dtype(dtype)}")
+        raise ValueError(f"{name}: produced {arr.shape} {arr.dtype}, "
+                         f"header says {tuple(shape)} {np.dtype(dtype)}")
       f.write(arr.reshape(-1).view(np.uint8).data)  # little-endian hosts only (x86, ARM)
   os.replace(tmp, path)
   return offset
