@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -337,17 +338,19 @@ def read_manifest(path: str) -> Iterator[Sample | BadRecordError]:
         yield e
 
 
-def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Byte offsets and 1-based numbers of the non-blank lines, for random access without parsing."""
-  offsets, numbers = [], []
+def index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Byte offsets, byte lengths and 1-based numbers of the non-blank lines (random access)."""
+  offsets, lengths, numbers = [], [], []
   pos = 0
   with open(path, "rb") as f:
     for lineno, line in enumerate(f, start=1):
       if line.strip():
         offsets.append(pos)
+        lengths.append(len(line))
         numbers.append(lineno)
       pos += len(line)
-  return np.asarray(offsets, np.int64), np.asarray(numbers, np.int64)
+  return (np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+          np.asarray(numbers, np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,33 +364,45 @@ class RawLine:
 class ManifestSource:
   """Random access to the non-blank lines of one manifest (a Grain data source).
 
-  Picklable for worker processes: it holds the path and the line index, and reopens the file
-  in whichever process reads it.
+  Reads with os.pread (no shared file position), so Grain's reader threads can share it; picklable
+  for worker processes, which reopen the file.
   """
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"manifest not found: {path}")
     self.path = path
-    self._offsets, self._numbers = index_lines(path)
-    self._file = None
+    self._offsets, self._lengths, self._numbers = index_lines(path)
+    self._fd = None
     self._pid = None
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self._offsets)
 
   def __getitem__(self, index: int) -> RawLine:
-    if self._file is None or self._pid != os.getpid():
-      self._file = open(self.path, "rb")  # pylint: disable=consider-using-with
-      self._pid = os.getpid()
-    self._file.seek(int(self._offsets[index]))
-    return RawLine(self._file.readline(), self.path, int(self._numbers[index]))
+    if self._fd is None or self._pid != os.getpid():
+      with self._lock:
+        if self._fd is None or self._pid != os.getpid():
+          self._fd = os.open(self.path, os.O_RDONLY)
+          self._pid = os.getpid()
+    data = os.pread(self._fd, int(self._lengths[index]), int(self._offsets[index]))
+    return RawLine(data, self.path, int(self._numbers[index]))
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_file"] = None
+    state["_fd"] = None
     state["_pid"] = None
+    del state["_lock"]
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __del__(self):
+    if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+      os.close(self._fd)
 
   def __repr__(self) -> str:
     return f"ManifestSource({self.path!r}, {len(self)} lines)"
