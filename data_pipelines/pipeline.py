@@ -2,7 +2,8 @@
 
     lines of each manifest (random access)  --shuffle per epoch, repeat forever (training)
       -> weighted mixture of the manifests  -> this process's slice [process_index::process_count]
-      -> decode + template + features (Grain map; in `num_workers` processes when > 0)
+      -> decode + template + features (Grain map; in `num_workers` processes when > 0; the
+         samples travel as dicts of arrays, so Grain moves them through shared memory)
       -> first-fit packing into batches of batch_size / process_count rows (main process)
       -> thread prefetch of `prefetch` batches -> BatchIterator (strips the skip counts)
 
@@ -24,7 +25,7 @@ import copy
 import dataclasses
 import json
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import grain

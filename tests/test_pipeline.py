@@ -149,6 +149,21 @@ def test_processes_read_disjoint_halves(corpus):
     pipeline.make_train_loader(make_config(corpus, batch_size=3), 0, 2)
 
 
+def test_mixture_weights_and_per_epoch_reshuffle(tmp_path):
+  a = _write_jsonl(tmp_path / "a.jsonl", [{"task": "text", "text": "a"}] * 10)
+  b = _write_jsonl(tmp_path / "b.jsonl", [{"task": "text", "text": "b"}] * 30)
+  for weights, share_a in (("3,1", 0.75), ("", 0.25)):
+    ds = pipeline.record_dataset([a, b], seed=0, shuffle=True, repeat=True, weights=weights)
+    names = [ds[i].manifest for i in range(400)]
+    assert abs(names.count(a) / 400 - share_a) < 0.03
+  one = pipeline.record_dataset([a], seed=0, shuffle=True, repeat=True)
+  epochs = [[one[i].lineno for i in range(e * 10, e * 10 + 10)] for e in range(3)]
+  assert all(sorted(e) == list(range(1, 11)) for e in epochs)
+  assert epochs[0] != epochs[1] != epochs[2]
+  again = pipeline.record_dataset([a], seed=0, shuffle=True, repeat=True)
+  assert [again[i].lineno for i in range(30)] == sum(epochs, [])
+
+
 def test_resume_mid_epoch_gives_the_same_batches(corpus):
   c = make_config(corpus)
   it = pipeline.make_train_loader(c, 0, 1)
