@@ -66,7 +66,7 @@ class EncoderLayer(nn.Module):
     h = layers.layer_norm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
     h = layers.dense(cfg.encoder_ffn_dim, ("audio_embed", "audio_mlp"), use_bias=True,
                      name="fc1", **kw)(h)
-    h = nn.gelu(h, approximate=False)
+    h = layers.exact_gelu(h)
     h = layers.constrain(h, ("audio_chunks", "length", "audio_mlp"))
     h = layers.dense(cfg.d_model, ("audio_mlp", "audio_embed"), use_bias=True, name="fc2", **kw)(h)
     x = layers.constrain(x + h, ("audio_chunks", "length", "audio_embed"))
@@ -98,7 +98,7 @@ class AudioEncoder(nn.Module):
                       nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                          ("conv_out",)))(x)
-      x = nn.gelu(x, approximate=False)
+      x = layers.exact_gelu(x)
       x = layers.constrain(x, ("audio_chunks", None, None, "conv_out"))
     n, f, t, c = x.shape
     if f != CONV_FREQ_OUT:
@@ -110,10 +110,13 @@ class AudioEncoder(nn.Module):
     return x
 
   @nn.compact
-  def __call__(self, audio_mel: Array, audio_chunk_frames: Array) -> tuple[Array, Array]:
+  def __call__(self, audio_mel: Array, audio_chunk_frames: Array) -> tuple[Array, Array | None]:
     cfg = self.config
     b, c, mels, f = audio_mel.shape
-    x = self.stem(audio_mel.reshape(b * c, mels, f))
+    # The stem's full-resolution conv activations (and GELU residuals) dwarf the encoder layers'
+    # activations, so under any remat policy the stem is recomputed too.
+    stem = layers.maybe_remat(AudioEncoder.stem, self.remat_policy)
+    x = stem(self, audio_mel.reshape(b * c, mels, f))
     t = x.shape[1]
     pos = layers.sinusoid_positions(t, cfg.d_model).astype(self.dtype)
     x = layers.constrain(x + pos[None], ("audio_chunks", "length", "audio_embed"))
@@ -121,25 +124,44 @@ class AudioEncoder(nn.Module):
     valid = jnp.arange(t)[None, :] < encoder_tokens(audio_chunk_frames.reshape(b * c, 1))
     bias = jnp.where(valid, 0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
 
-    x, outputs = self.run_layers(x, bias)
-    taps = tuple(cfg.deepstack_encoder_layer_indexes)
-    tapped = jnp.stack([outputs[i] for i in taps]) if taps else None
+    x, taps = self.run_layers(x, bias)
     x = layers.layer_norm(cfg.layer_norm_eps, name="layer_norm", dtype=self.dtype,
                           param_dtype=self.param_dtype)(x)
-    return x, tapped
+    return x, taps
 
-  def run_layers(self, x: Array, bias: Array) -> tuple[Array, Any]:
-    """All encoder layers; returns the last output and every layer's output (indexable by layer)."""
+  def run_layers(self, x: Array, bias: Array) -> tuple[Array, Array | None]:
+    """All encoder layers -> (last output, taps [K, N, T', D] or None)."""
     cfg = self.config
+    taps = tuple(cfg.deepstack_encoder_layer_indexes)
     layer_cls = layers.maybe_remat(EncoderLayer, self.remat_policy, scanned=self.scan_layers)
     kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=cfg.encoder_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(name="layers", **kw)(x, bias)
-    outputs = []
-    for i in range(cfg.encoder_layers):
-      x, _ = layer_cls(name=f"layers_{i}", **kw)(x, bias)
-      outputs.append(x)
-    return x, outputs
+    if not self.scan_layers:
+      outputs = []
+      for i in range(cfg.encoder_layers):
+        x, _ = layer_cls(name=f"layers_{i}", **kw)(x, bias)
+        outputs.append(x)
+      return x, (jnp.stack([outputs[i] for i in taps]) if taps else None)
+
+    # Taps ride in the carry ([K, N, T', D], written at layer taps[k]) rather than as stacked
+    # per-layer outputs: the scan would otherwise keep all encoder_layers outputs alive. The
+    # write is linear in the buffer, so the backward pass saves no copy of it per layer.
+    slot = [-1] * cfg.encoder_layers
+    for k, i in enumerate(taps):
+      slot[i] = k
+
+    def body(layer, carry, bias, tap_slot):
+      h, buf = carry
+      h, _ = layer(h, bias)
+      if buf is not None:
+        k = jnp.maximum(tap_slot, 0)
+        keep = jax.lax.dynamic_index_in_dim(buf, k, keepdims=False)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(tap_slot >= 0, h, keep), k, 0)
+      return (h, buf), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, 0), length=cfg.encoder_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    buf = jnp.zeros((len(taps),) + x.shape, x.dtype) if taps else None
+    (x, buf), _ = scan(layer_cls(name="layers", **kw), (x, buf), bias,
+                       jnp.asarray(slot, jnp.int32))
+    return x, buf

@@ -74,6 +74,12 @@ class RMSNorm(nn.Module):
     return normed * scale.astype(self.dtype)
 
 
+# Exact (erf) GELU, as the reference. Plain autodiff keeps erfc/exp/product residuals (4 arrays per
+# activation); recomputing them from the input in the backward pass is nearly free and matters
+# for the conv stem, whose activations are the largest in the model.
+exact_gelu = jax.checkpoint(lambda x: nn.gelu(x, approximate=False))
+
+
 def sinusoid_positions(length: int, channels: int) -> Array:
   """Whisper sinusoid table [length, channels] in float32: sin block first, then cos (spec 2.2)."""
   half = channels // 2
@@ -128,14 +134,14 @@ REMAT_POLICIES = {
 }
 
 
-def maybe_remat(module_cls: type[nn.Module], policy: str, *, scanned: bool) -> type[nn.Module]:
-  """Wraps a layer class in nn.remat according to config.model.remat_policy.
+def maybe_remat(target: Any, policy: str, *, scanned: bool = False) -> Any:
+  """Wraps a layer class (or a module method) in nn.remat according to config.model.remat_policy.
 
-  'none' keeps every activation (fastest, most memory); 'full' saves only the layer inputs;
+  'none' keeps every activation (fastest, most memory); 'full' saves only the inputs;
   'dots'/'dots_no_batch' also save matmul outputs. prevent_cse is only needed outside scan.
   """
   if policy == "none":
-    return module_cls
+    return target
   if policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy must be one of none, {', '.join(REMAT_POLICIES)}; got {policy!r}")
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+  return nn.remat(target, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
