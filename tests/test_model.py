@@ -198,6 +198,26 @@ def test_unknown_remat_policy_is_rejected():
     M.abstract_params(tiny_config(remat_policy="sometimes"))
 
 
+@pytest.mark.parametrize("frames,same", [(127, True), (123, False)])
+def test_tail_chunk_padding_effect(setup, frames, same):
+  """Spec 2.4.7: zero-padding a short chunk to 400 frames is exact iff frames % 8 is 0 or 7."""
+  cfg, params, _, _, _ = setup
+  params = jax.tree_util.tree_map_with_path(  # fresh init has zero biases, which hide the effect
+      lambda path, x: x + 0.1 if "bias" in jax.tree_util.keystr(path) else x, params)
+  enc = jax.jit(lambda p, x, f: M.MossAudioModel(cfg).apply(
+      {"params": p}, x, f, method=lambda m, x, f: m.audio_encoder(x, f)[0]))
+  mel = np.random.default_rng(2).normal(size=(1, 1, 128, frames)).astype(np.float32)
+  padded = np.zeros((1, 1, 128, 400), np.float32)
+  padded[..., :frames] = mel
+  n = -(-frames // 8)
+  f = jnp.array([[frames]], jnp.int32)
+  diff = np.abs(np.asarray(enc(params, mel, f)) - np.asarray(enc(params, padded, f))[:, :n])
+  if same:
+    assert diff.max() < 1e-5
+  else:
+    assert diff[0, -1].max() > 1e-2  # the last token reads past the valid end
+
+
 # ---------------------------------------------------------------- parity with transformers (torch)
 
 

@@ -64,19 +64,36 @@ class MossAudioModel(nn.Module):
     merger_outs = jnp.stack([m(flat(taps[k])) for k, m in enumerate(mergers)])
     return adapter_out, merger_outs
 
+  def embed_with_audio(self, input_ids: Array, audio_token_index: Array | None,
+                       adapter_out: Array | None, merger_outs: Array | None
+                       ) -> tuple[Array, Array | None]:
+    """Input embeddings with the adapter output placed at audio positions, and the DeepStack
+    adds [K, B, L, H] (zeros off audio positions; None without mergers or audio).
+
+    Split out of __call__ so generation can reuse precomputed encode_audio outputs.
+    """
+    x = self.language_model.embed(input_ids)
+    if adapter_out is None:
+      return x, None
+    is_audio = (audio_token_index >= 0)[..., None]
+    x = jnp.where(is_audio, gather_audio(adapter_out, audio_token_index).astype(x.dtype), x)
+    if merger_outs is None:
+      return x, None
+    inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
+    return x, layers.constrain(inject, (None, "batch", "length", "embed"))
+
+  def logits(self, hidden: Array) -> Array:
+    """Float32 logits from final hidden states [..., H]."""
+    return self.lm_head(hidden).astype(jnp.float32)
+
   def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
                audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
                audio_token_index: Array | None = None) -> Array:
     """Float32 logits [B, L, vocab]. Without audio_mel the model runs as a plain text LLM."""
-    x = self.language_model.embed(input_ids)
-    inject = None
+    adapter_out = merger_outs = None
     if audio_mel is not None:
       adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
-      is_audio = (audio_token_index >= 0)[..., None]
-      x = jnp.where(is_audio, gather_audio(adapter_out, audio_token_index).astype(x.dtype), x)
-      if merger_outs is not None:
-        inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
-        inject = layers.constrain(inject, (None, "batch", "length", "embed"))
+    x, inject = self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
     hidden = self.language_model(x, positions, segment_ids, inject)
-    logits = self.lm_head(hidden)
-    return layers.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    logits = layers.constrain(self.lm_head(hidden), ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32)
