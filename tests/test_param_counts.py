@@ -1,4 +1,4 @@
-"""Reference parameter counts (spec sections 4 and 6.1) from abstract shapes: nothing is allocated."""
+"""Reference parameter counts (spec sections 4 and 6.1) from abstract shapes; nothing allocated."""
 
 import jax
 import pytest

@@ -1,9 +1,8 @@
-"""The model on an 8-device CPU mesh: same logits as one device, params laid out as the rules say."""
+"""The model on an 8-device CPU mesh: same logits as one device, params laid out by the rules."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P

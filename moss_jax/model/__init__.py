@@ -1,4 +1,7 @@
-"""MOSS-Audio in Flax Linen: audio encoder, adapter + DeepStack mergers, Qwen3 LLM (see docs/model.md)."""
+"""MOSS-Audio in Flax Linen: audio encoder, adapter + DeepStack mergers, Qwen3 LLM.
+
+See docs/model.md.
+"""
 
 from moss_jax.model.moss_audio import MossAudioModel, gather_audio, num_mergers
 from moss_jax.model.params import (abstract_params, count_params, init_params, param_logical_axes,

@@ -1,4 +1,4 @@
-"""Audio adapter and DeepStack mergers (spec section 3): bias-free SwiGLU MLPs, encoder -> LLM width."""
+"""Audio adapter and DeepStack mergers (spec section 3): bias-free SwiGLU MLPs to the LLM width."""
 
 from __future__ import annotations
 

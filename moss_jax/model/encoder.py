@@ -74,7 +74,7 @@ class EncoderLayer(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-  """audio_mel [B, C, 128, F] + frames [B, C] -> final [B*C, T', D] and DeepStack taps [K, B*C, T', D].
+  """audio_mel [B, C, 128, F] + frames [B, C] -> final [B*C, T', D], taps [K, B*C, T', D].
 
   T' = ceil(F / 8). Taps are the raw residual stream after the listed layers (before the final
   LayerNorm), spec 2.5.
@@ -86,7 +86,7 @@ class AudioEncoder(nn.Module):
   remat_policy: str = "none"
 
   def stem(self, mel: Array) -> Array:
-    """[N, 128, F] -> [N, T', D]: three stride-2 3x3 convs (NHWC, H = freq, W = time) + stem_proj."""
+    """[N, 128, F] -> [N, T', D]: three stride-2 3x3 convs (NHWC, H = freq, W = time), stem_proj."""
     cfg = self.config
     ch = cfg.downsample_hidden_size
     x = mel.astype(self.dtype)[..., None]  # [N, 128, F, 1]

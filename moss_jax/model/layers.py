@@ -18,8 +18,7 @@ import jax.numpy as jnp
 Array = jax.Array
 LogicalNames = Sequence[str | None]
 
-# Linear-layer init: truncated-normal-free plain normal with the Qwen/Whisper std of 0.02, which
-# keeps fresh models trainable without depending on fan-in.
+# Weight init for Dense and Embed: normal(0.02), the initializer_range of the Qwen3 config.
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
@@ -89,7 +88,7 @@ def sinusoid_positions(length: int, channels: int) -> Array:
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Any) -> tuple[Array, Array]:
-  """cos/sin [B, L, head_dim] for the half-rotation RoPE; built in float32, cast like the reference."""
+  """cos/sin [B, L, head_dim] for half-rotation RoPE; built in float32, cast like the reference."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -143,5 +142,6 @@ def maybe_remat(target: Any, policy: str, *, scanned: bool = False) -> Any:
   if policy == "none":
     return target
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy must be one of none, {', '.join(REMAT_POLICIES)}; got {policy!r}")
+    raise ValueError(f"remat_policy must be one of none, {', '.join(REMAT_POLICIES)}; "
+                     f"got {policy!r}")
   return nn.remat(target, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)

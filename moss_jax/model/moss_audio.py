@@ -7,7 +7,6 @@ merger k's output is added to the output of LLM layer k at the same positions (s
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,7 +27,7 @@ def num_mergers(config: ml_collections.ConfigDict) -> int:
 
 
 def gather_audio(features: Array, audio_token_index: Array) -> Array:
-  """features [B, N, H] gathered at audio_token_index [B, L] -> [B, L, H], zeros at text positions."""
+  """features [B, N, H] gathered at audio_token_index [B, L] -> [B, L, H]; zeros at text."""
   idx = jnp.clip(audio_token_index, 0, features.shape[1] - 1)
   picked = jnp.take_along_axis(features, idx[..., None], axis=1)
   return jnp.where((audio_token_index >= 0)[..., None], picked, jnp.zeros_like(picked))

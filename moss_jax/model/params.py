@@ -1,4 +1,4 @@
-"""Parameter helpers: init (optionally sharded), abstract shapes, logical axes, layer stacking, counts.
+"""Parameter helpers: init (optionally sharded), abstract shapes, logical axes, stacking, counts.
 
 Params are plain nested dicts of arrays (no Flax boxes): the logical axis names live in
 `param_logical_axes`, which is computed from the same init function without allocating anything.
