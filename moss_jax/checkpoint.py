@@ -2,7 +2,8 @@
 
 Layout of `WORKDIR/checkpoints/STEP/` (one Orbax CheckpointManager step):
   state/   the train state pytree (params, frozen params, optimizer state, counters), sharded
-  data/    process_{i}-of-{n}.json: the data iterator state of every process
+  data/    process_{i}-of-{n}.json: the data iterator state of every process (restore reads
+           them all, so the shard states can be redistributed over another process count)
   config/  the resolved config (JSON)
 
 Saves are asynchronous (the arrays are copied off the device, then written in a background
@@ -40,13 +41,13 @@ class DataStateHandler(ocp.CheckpointHandler):
     (directory / f"process_{index}-of-{count}.json").write_text(json.dumps(args.state))
 
   def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
-    index, count = jax.process_index(), jax.process_count()
-    path = directory / f"process_{index}-of-{count}.json"
-    if not path.exists():
-      found = sorted(p.name for p in directory.iterdir())
-      raise ValueError(f"{path} not found (checkpoint written by a different process count? "
-                       f"files: {found}); restart the data pipeline with train.reset_data=True")
-    return json.loads(path.read_text())
+    """{"processes": [state of process 0, 1, ...]}: every process's file, so a run may resume
+    on another process count when its loader can redistribute the states (train.ShardedLoader)."""
+    files = sorted(directory.glob("process_*-of-*.json"),
+                   key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+    if not files:
+      raise ValueError(f"no data iterator state in {directory}")
+    return {"processes": [json.loads(p.read_text()) for p in files]}
 
   def metadata(self, directory: epath.Path):
     return None

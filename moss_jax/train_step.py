@@ -341,9 +341,16 @@ class Program:
       return self.eval_step(params, batch)
 
 
+def abstract_params_with_shardings(model_config, mesh) -> PyTree:
+  """ShapeDtypeStruct of every parameter, carrying its NamedSharding on `mesh` (no allocation)."""
+  from moss_jax.model import abstract_params
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_params(model_config), sharding_lib.param_shardings(model_config, mesh))
+
+
 def build_program(config, mesh) -> Program:
   """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
-  from moss_jax.model import MossAudioModel, abstract_params as model_abstract_params
+  from moss_jax.model import MossAudioModel
   model = MossAudioModel(config=config.model)
   forward = make_forward(model, config.model)
   optimizer = optim.make_optimizer(config.optim)
@@ -351,9 +358,7 @@ def build_program(config, mesh) -> Program:
   stage = config.train.stage
 
   p_sh = sharding_lib.param_shardings(config.model, mesh)
-  abs_params = model_abstract_params(config.model)
-  abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abs_params, p_sh)
+  abs_params = abstract_params_with_shardings(config.model, mesh)
   st_sh = state_shardings(p_sh, abs_params, optimizer, stage, mesh)
   abs_state = abstract_state(abs_params, optimizer, stage, st_sh)
 

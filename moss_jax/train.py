@@ -1,0 +1,402 @@
+r"""Training entry point: `python -m moss_jax.train --config configs/pretrain.py:demo --workdir DIR`.
+
+One readable loop. Running the same command again resumes from the newest complete checkpoint
+in DIR/checkpoints (parameters, optimizer state, step, every process's data iterator). Any
+config field can be overridden on the command line (`--config.optim.lr=3e-4`).
+
+Multi-process runs (TPU pod slices, SLURM, or launch/local.sh on one machine) start one copy per
+host; see moss_jax/distributed.py for how the processes find each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import numpy as np
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
+
+EXIT_PREEMPTED = 0  # a SIGTERM stop is a clean exit: the scheduler restarts the same command
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite updates."""
+
+
+# ----------------------------------------------------------------------------- data
+
+class ShardedLoader:
+  """This process's slice of the training data, as `num_shards` independent shard loaders.
+
+  The data order depends only on data.seed and the shard count (train.data_shards, default the
+  process count), never on how many processes read the shards: process p reads shards
+  [p*k, (p+1)*k) and stacks their rows. So a 1-process run with data_shards=2 sees exactly the
+  batches of a 2-process run, and a run may resume on a different process count.
+  """
+
+  def __init__(self, config, process_index: int, process_count: int):
+    from data_pipelines import pipeline
+    shards = int(config.train.get("data_shards", 0)) or process_count
+    if shards % process_count:
+      raise ValueError(f"train.data_shards={shards} is not divisible by {process_count} processes")
+    per = shards // process_count
+    self.num_shards = shards
+    self.shard_ids = list(range(process_index * per, (process_index + 1) * per))
+    self.loaders = [pipeline.make_train_loader(config, process_index=s, process_count=shards)
+                    for s in self.shard_ids]
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(loader) for loader in self.loaders]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"num_shards": self.num_shards,
+            "shards": {str(s): l.get_state() for s, l in zip(self.shard_ids, self.loaders)}}
+
+  def set_state(self, process_states: list[Mapping[str, Any]]) -> None:
+    """Restores from the states every process saved (any process count, same shard count)."""
+    merged: dict[str, Any] = {}
+    for st in process_states:
+      if st.get("num_shards") != self.num_shards:
+        raise ValueError(f"checkpoint data state has {st.get('num_shards')} shards, this run "
+                         f"{self.num_shards}: set train.data_shards to match")
+      merged.update(st["shards"])
+    for s, loader in zip(self.shard_ids, self.loaders):
+      loader.set_state(merged[str(s)])
+
+  def bad_record_counts(self) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for loader in self.loaders:
+      for k, v in loader.bad_record_counts().items():
+        total[k] = total.get(k, 0) + int(v)
+    return total
+
+  def close(self) -> None:
+    for loader in self.loaders:
+      loader.close()
+
+
+def global_bad_record_counts(local: Mapping[str, int]) -> dict[str, int]:
+  """Sums the per-reason counts over processes."""
+  import jax
+  if jax.process_count() == 1:
+    return dict(local)
+  from data_pipelines import errors
+  from jax.experimental import multihost_utils
+  reasons = sorted(v for k, v in vars(errors).items() if k.isupper() and isinstance(v, str))
+  vec = np.array([local.get(r, 0) for r in reasons], np.int64)
+  total = np.sum(multihost_utils.process_allgather(vec), axis=0)
+  return {r: int(n) for r, n in zip(reasons, total) if n}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def write_config(config, workdir: str) -> None:
+  """The resolved config (after overrides) as JSON and as its readable repr."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, "config.txt"), "w", encoding="utf-8") as f:
+    f.write(str(config))
+
+
+def initial_params(config, program):
+  """Fresh or pretrained parameters, as train.init_* say; sharded like the state."""
+  import jax
+  from moss_jax import checkpoint, sharding
+  from moss_jax.model import init_params
+  train = config.train
+  mesh = program.mesh
+  if train.get("init_from_checkpoint"):
+    logging.info("initialising all parameters from run checkpoint %s", train.init_from_checkpoint)
+    return checkpoint.restore_params(train.init_from_checkpoint, program.abstract_params)
+  if train.init_from:
+    from moss_jax import hf
+    logging.info("initialising the whole model from %s", train.init_from)
+    _, params = hf.load_pretrained(train.init_from, dtype=config.model.param_dtype,
+                                   config_overrides=_model_overrides(config), mesh=mesh)
+    _check_same_shapes(params, program.abstract_params, train.init_from)
+    return params
+  with sharding.use_mesh(mesh):
+    params = init_params(config.model, jax.random.key(train.seed), mesh)
+  if train.init_encoder_from:
+    from moss_jax import hf
+    logging.info("initialising the audio encoder from %s", train.init_encoder_from)
+    _, loaded = hf.load_pretrained(train.init_encoder_from, dtype=config.model.param_dtype,
+                                   config_overrides=_model_overrides(config), mesh=mesh)
+    _check_same_shapes(loaded["audio_encoder"], program.abstract_params["audio_encoder"],
+                       train.init_encoder_from)
+    params = dict(params, audio_encoder=loaded["audio_encoder"])
+  if train.init_llm_from:
+    from moss_jax import hf
+    logging.info("initialising the LLM from Qwen3 checkpoint %s", train.init_llm_from)
+    params = hf.load_qwen3_llm(train.init_llm_from, params)
+  return params
+
+
+def _model_overrides(config) -> dict:
+  m = config.model
+  return {"dtype": m.dtype, "param_dtype": m.param_dtype, "scan_layers": m.scan_layers,
+          "remat_policy": m.remat_policy}
+
+
+def _check_same_shapes(params, abstract, source: str) -> None:
+  import jax
+  got = jax.tree.map(lambda x: tuple(x.shape), params)
+  want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+  if got != want:
+    raise ValueError(f"parameters in {source} do not match config.model: got {got}, want {want}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Run:
+  """Holds the pieces of one training run; `train()` is the loop."""
+
+  def __init__(self, config, workdir: str):
+    import jax
+    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, sharding
+    from moss_jax import train_step as ts
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.is_main = jax.process_index() == 0
+    config_validation.validate(config, jax.device_count(), jax.process_count())
+    if self.is_main:
+      write_config(config, self.workdir)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
+    self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
+                        f"{jax.process_count()} process(es); stage {config.train.stage}")
+    self.program = ts.build_program(config, self.mesh)
+    self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
+    self.checkpointer = checkpoint.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
+    self.stop = distributed.StopSignal()
+    self.flops_per_step = flops.config_step_flops(config)
+    self.peak, self.peak_source = flops.peak_flops(config.train.get("peak_flops_per_device", 0.0))
+    self.state = None
+    self.first_loss = None
+
+  # -- state
+
+  def restore_or_init(self) -> int:
+    from moss_jax.model import count_params
+    restored = self.checkpointer.restore(self.program.abstract_state)
+    if restored is not None:
+      self.state = restored.state
+      self.loader.set_state(restored.data_state["processes"])
+      self.writer.console(f"resumed from step {restored.step} ({self.checkpointer.directory})")
+    else:
+      params = initial_params(self.config, self.program)
+      self.state = self.program.state_from_params(params)
+      del params
+    n_train = count_params(self.state["params"])
+    n_all = n_train + count_params(self.state["frozen"])
+    self.writer.console(f"parameters: {n_all:,} ({n_train:,} trainable); analytic "
+                        f"{self.flops_per_step / 1e9:.2f} GFLOP/step; peak "
+                        f"{self.peak / 1e9:.1f} GFLOP/s ({self.peak_source})")
+    return int(self.state["step"])
+
+  def save(self, step: int, force: bool = False) -> bool:
+    return self.checkpointer.save(step, self.state, self.loader.get_state(), self.config.to_dict(),
+                                  force=force)
+
+  # -- logging
+
+  def log(self, step: int, acc) -> dict[str, float]:
+    from moss_jax import flops, metrics
+    summary = acc.summary()
+    if not summary:
+      return {}
+    summary["mfu"] = flops.mfu(self.flops_per_step, summary["step_seconds"], self.peak)
+    summary["bad_records"] = float(sum(self._bad_counts().values()))
+    for reason, n in self._bad_counts().items():
+      summary[f"bad_records/{reason}"] = float(n)
+    self.writer.console(metrics.progress_line(step, self.config.train.steps, summary))
+    self.writer.write(step, "train", summary)
+    return summary
+
+  def _bad_counts(self) -> dict[str, int]:
+    return global_bad_record_counts(self.loader.bad_record_counts())
+
+  # -- evaluation
+
+  def evaluate(self, step: int, final: bool = False) -> dict[str, Any]:
+    from data_pipelines import pipeline
+    from moss_jax import evaluate
+    from moss_jax import train_step as ts
+    cfg = self.config
+    params = ts.full_params(self.state)
+    out: dict[str, Any] = {}
+    if cfg.data.eval_manifest:
+      batches = pipeline.make_eval_batches(cfg)
+      out.update(evaluate.eval_loss(self.program, params, batches, cfg.train.get("eval_batches", 0)))
+      batches.close()
+      n = cfg.train.get("asr_eval_samples", 0)
+      if n:
+        asr = evaluate.asr_eval(self.program.model, params, cfg, cfg.data.eval_manifest, n,
+                                self.mesh, cfg.train.get("generate_max_tokens", 64))
+        out.update(cer=asr["cer"], wer=asr["wer"], asr_samples=asr["num_samples"])
+        for ex in asr["examples"][:3]:
+          self.writer.console(f"  eval ref: {ex['reference']!r}\n  eval hyp: {ex['hypothesis']!r}")
+    if final and cfg.train.get("final_train_asr_samples", 0):
+      manifest = cfg.data.train_manifests.split(",")[0]
+      asr = evaluate.asr_eval(self.program.model, params, cfg, manifest,
+                              cfg.train.final_train_asr_samples, self.mesh,
+                              cfg.train.get("generate_max_tokens", 64))
+      out.update(train_cer=asr["cer"], train_wer=asr["wer"], train_asr_samples=asr["num_samples"])
+      for ex in asr["examples"][:3]:
+        self.writer.console(f"  train ref: {ex['reference']!r}\n  train hyp: {ex['hypothesis']!r}")
+    if out:
+      scalars = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+      self.writer.write(step, "eval", scalars)
+      self.writer.console(f"eval @ {step}: " + ", ".join(
+          f"{k} {v:.4f}" for k, v in scalars.items() if k == "loss" or "cer" in k or "wer" in k
+          or k.startswith("loss/")))
+    return out
+
+  # -- loop
+
+  def train(self) -> dict[str, Any]:
+    import jax
+    from moss_jax import metrics
+    cfg = self.config.train
+    t_start = time.perf_counter()
+    step = self.restore_or_init()
+    start_step = step
+    acc = metrics.Accumulator()
+    max_skips = int(cfg.get("max_consecutive_skips", 20))
+    pending = None  # previous step's metrics: read one step late so the host never waits
+    last_summary: dict[str, float] = {}
+    preempted = False
+    while step < cfg.steps:
+      batch = self.program.global_batch(next(self.loader))
+      self.state, m = self.program.step(self.state, batch)
+      step += 1
+      acc.add(m)
+      if step == start_step + 1 and start_step == 0:
+        self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
+        self.writer.write(step, "train_first", {"loss": self.first_loss})
+      if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
+        self._diverged(step - 1, pending)
+      pending = m
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        last_summary = self.log(step, acc) or last_summary
+      self.save(step)
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        self.evaluate(step)
+      if self.stop.should_stop():
+        preempted = True
+        break
+    if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
+      self._diverged(step, pending)
+    self.save(step, force=True)
+    self.checkpointer.wait()
+    result = {"step": step, "preempted": preempted, "last": last_summary,
+              "first_loss": self.first_loss or self._first_loss_from_log()}
+    if preempted:
+      self.writer.console(f"stopped by signal at step {step}; checkpoint written, rerun the "
+                          "same command to resume")
+    else:
+      result["eval"] = self.evaluate(step, final=True)
+      result["wall_seconds"] = time.perf_counter() - t_start
+      self._final_report(result)
+    return result
+
+  def _diverged(self, step: int, m) -> None:
+    self.checkpointer.wait()
+    raise TrainingDiverged(
+        f"{int(m['consecutive_skipped'])} consecutive updates had a non-finite loss or gradient "
+        f"(at step {step}; {int(m['skipped_total'])} skipped in total). Lower optim.lr, check the "
+        "data, or raise train.max_consecutive_skips. The last good checkpoint is in "
+        f"{self.checkpointer.directory}.")
+
+  def _first_loss_from_log(self) -> float | None:
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec.get("split") == "train_first":
+          return float(rec["loss"])
+    return None
+
+  def _final_report(self, result: dict[str, Any]) -> None:
+    first, last = result["first_loss"], result["last"].get("loss")
+    lines = [f"done: {result['step']} steps in {result['wall_seconds']:.0f} s"]
+    if first is not None and last is not None:
+      drop = 100.0 * (first - last) / first if first else float("nan")
+      result["loss_drop_percent"] = drop
+      lines.append(f"loss: first {first:.4f} -> last {last:.4f} ({drop:.1f}% lower)")
+    ev = result.get("eval", {})
+    if "train_cer" in ev:
+      lines.append(f"greedy ASR on {ev['train_asr_samples']} training clips: CER "
+                   f"{100 * ev['train_cer']:.1f}%  WER {100 * ev['train_wer']:.1f}%")
+    if "cer" in ev:
+      lines.append(f"greedy ASR on {ev['asr_samples']} eval clips: CER {100 * ev['cer']:.1f}%  "
+                   f"WER {100 * ev['wer']:.1f}%")
+    if "loss" in ev:
+      lines.append(f"eval loss {ev['loss']:.4f}")
+    for line in lines:
+      self.writer.console(line)
+    if self.is_main:
+      with open(os.path.join(self.workdir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in result.items() if k != "eval"} | {
+            "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, f, indent=2)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.loader.close()
+    self.writer.close()
+    self.stop.restore()
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final summary."""
+  run = Run(config, workdir)
+  try:
+    return run.train()
+  finally:
+    run.close()
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
+  from moss_jax import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from moss_jax.config_validation import ConfigError
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, TrainingDiverged) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
