@@ -79,6 +79,15 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.init_from = ""  # reference-format directory for the whole model
   c.init_llm_from = ""  # Qwen3 causal-LM directory for the LLM only
   c.init_encoder_from = ""  # MOSS-Audio directory whose encoder is taken
+  c.init_from_checkpoint = ""  # a run's checkpoints/ dir (e.g. stage 1 -> stage 2): params only
+  c.max_consecutive_skips = 20  # non-finite updates in a row before the run stops
+  c.async_checkpoint = True
+  c.data_shards = 0  # data shard count (0 = process count); keep it fixed to resume elsewhere
+  c.peak_flops_per_device = 0.0  # for MFU; 0 = vendor table (TPU/GPU) or a measured CPU matmul
+  c.eval_batches = 0  # eval batches per evaluation (0 = the whole eval manifest)
+  c.asr_eval_samples = 8 if preset == "demo" else 32  # greedy ASR CER/WER samples per eval
+  c.final_train_asr_samples = 16 if preset == "demo" else 0  # greedy ASR on training clips at the end
+  c.generate_max_tokens = 48 if preset == "demo" else 256
   return c
 
 
