@@ -392,7 +392,6 @@ def main(argv) -> int:
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingDiverged) as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
