@@ -117,6 +117,20 @@ def write_config(config, workdir: str) -> None:
     f.write(str(config))
 
 
+def check_tokenizer(config) -> None:
+  """Every id the tokenizer can emit must have an embedding row (out-of-range ids would be
+  clamped silently by the gather and trained on garbage)."""
+  from data_pipelines import tokenizers
+  from moss_jax.config_validation import ConfigError
+  tok = tokenizers.load_tokenizer(config.data.tokenizer)
+  specials = [getattr(tok, n) for n in ("audio_token_id", "audio_bos_id", "audio_eos_id",
+                                        "im_start_id", "im_end_id", "pad_id")]
+  needed = max([tok.vocab_size] + [i + 1 for i in specials if i is not None])
+  if needed > config.model.text.vocab_size:
+    raise ConfigError([f"the tokenizer {config.data.tokenizer.path} needs {needed} embedding rows "
+                       f"but model.text.vocab_size is {config.model.text.vocab_size}"])
+
+
 def initial_params(config, program):
   """Fresh or pretrained parameters, as train.init_* say; sharded like the state."""
   import jax
@@ -178,6 +192,7 @@ class Run:
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
     config_validation.validate(config, jax.device_count(), jax.process_count())
+    check_tokenizer(config)
     if self.is_main:
       write_config(config, self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)

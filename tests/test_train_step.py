@@ -158,3 +158,12 @@ def test_stage1_trains_only_adapter_and_mergers():
     assert _leaves_equal(before[frozen], after[frozen]), frozen
   for trained in state["params"]:
     assert not _leaves_equal(before[trained], after[trained]), trained
+
+
+def test_tokenizer_must_fit_the_embedding():
+  from moss_jax import train
+  from moss_jax.config_validation import ConfigError
+  c = tiny_config()
+  c.model.text.vocab_size = 100  # the sample corpus tokenizer has 512 pieces
+  with pytest.raises(ConfigError, match="needs 512 embedding rows"):
+    train.check_tokenizer(c)
