@@ -74,7 +74,7 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.grad_accum = 1
   c.seed = 0
   c.log_every = 10 if preset == "demo" else 50
-  c.eval_every = 0 if preset == "demo" else 2000
+  c.eval_every = 100 if preset == "demo" else 2000
   c.checkpoint_every = 100 if preset == "demo" else 1000
   c.keep_checkpoints = 3
   c.init_from = ""  # reference-format directory for the whole model

@@ -167,3 +167,26 @@ def test_tokenizer_must_fit_the_embedding():
   c.model.text.vocab_size = 100  # the sample corpus tokenizer has 512 pieces
   with pytest.raises(ConfigError, match="needs 512 embedding rows"):
     train.check_tokenizer(c)
+
+
+def test_initialisation_from_reference_format_directories(full_program, tmp_path):
+  """train.init_from loads the whole model, train.init_encoder_from only the encoder."""
+  from moss_jax import hf, train
+  from moss_jax.model import init_params
+  prog = full_program
+  c = prog.config
+  saved = init_params(c.model, jax.random.key(7))
+  hf.save_pretrained(str(tmp_path / "ref"), prog.model, saved, dtype=jnp.float32)
+
+  whole = tiny_config()
+  whole.train.init_from = str(tmp_path / "ref")
+  params = train.initial_params(whole, prog)
+  assert _leaves_equal(saved, params)
+
+  enc = tiny_config()
+  enc.train.init_encoder_from = str(tmp_path / "ref")
+  params = train.initial_params(enc, prog)
+  assert _leaves_equal(saved["audio_encoder"], params["audio_encoder"])
+  fresh = init_params(c.model, jax.random.key(c.train.seed))
+  assert _leaves_equal(fresh["language_model"], params["language_model"])
+  assert not _leaves_equal(saved["language_model"], params["language_model"])
