@@ -318,7 +318,7 @@ class Run:
       self.save(step)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         self.evaluate(step)
-      if self.stop.should_stop():
+      if self.stop.should_stop(step):
         preempted = True
         break
     if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
