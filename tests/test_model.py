@@ -13,6 +13,8 @@ import pytest
 from configs import base
 from moss_jax import model as M
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 F = 64  # mel frames per chunk slot in these tests
 T = F // 8  # encoder tokens per chunk slot
 
@@ -69,15 +71,6 @@ def stack_rows(rows):
 
 ARGS = ("input_ids", "positions", "segment_ids", "audio_mel", "audio_chunk_frames",
         "audio_token_index")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's CPU optimisation passes dominate these tiny tests; numerics stay float32-exact enough."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def forward_fn(cfg):

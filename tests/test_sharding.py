@@ -11,6 +11,8 @@ from configs import base
 from moss_jax import model as M
 from moss_jax import sharding
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 ROWS, LENGTH, CHUNKS, FRAMES = 8, 24, 2, 64
 ARGS = ("input_ids", "positions", "segment_ids", "audio_mel", "audio_chunk_frames",
         "audio_token_index")
@@ -45,14 +47,6 @@ def random_batch(cfg, seed=0):
   return dict(input_ids=ids, positions=np.tile(np.arange(LENGTH, dtype=np.int32), (ROWS, 1)),
               segment_ids=segments, audio_token_index=index, audio_chunk_frames=frames,
               audio_mel=rng.normal(size=(ROWS, CHUNKS, 128, FRAMES)).astype(np.float32))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")
