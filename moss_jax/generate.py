@@ -57,13 +57,16 @@ def prompt_lengths(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 _COMPILED: dict = {}
 
 
-def _greedy_fn(model, max_new_tokens: int):
+def _greedy_fn(model, max_new_tokens: int, mesh=None):
   """The jitted decode loop for one model object (cached: modules holding a ConfigDict are not
-  hashable, so they cannot be static jit arguments)."""
-  key = (id(model), max_new_tokens)
+  hashable, so they cannot be static jit arguments). On a mesh the output is replicated, so
+  every process can read all of it."""
+  key = (id(model), max_new_tokens, mesh)
   if key not in _COMPILED:
+    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
     _COMPILED[key] = (model, jax.jit(functools.partial(_greedy, model, model.config,
-                                                       max_new_tokens=max_new_tokens)))
+                                                       max_new_tokens=max_new_tokens),
+                                     out_shardings=out_sh))
   return _COMPILED[key][1]
 
 
@@ -122,7 +125,7 @@ def greedy_generate(model, params, batch: Mapping[str, np.ndarray], max_new_toke
     prompt_len = put(prompt_len)
     stops = put(np.asarray(stop_ids, np.int32))
     with sharding_lib.use_mesh(mesh):
-      out = _greedy_fn(model, int(max_new_tokens))(params, batch, prompt_len, stops)
+      out = _greedy_fn(model, int(max_new_tokens), mesh)(params, batch, prompt_len, stops)
   else:
     out = _greedy_fn(model, int(max_new_tokens))(params, batch, jnp.asarray(prompt_len),
                                                   jnp.asarray(stop_ids, jnp.int32))

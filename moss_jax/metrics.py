@@ -32,6 +32,10 @@ class Accumulator:
     self._pending: list[Mapping[str, Any]] = []
     self._t0 = time.perf_counter()
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves time spent outside training (evaluation) out of the interval's throughput."""
+    self._t0 += seconds
+
   def add(self, metrics: Mapping[str, Any]) -> None:
     self._pending.append(metrics)  # device arrays: fetched only at `summary` (no per-step sync)
 

@@ -317,7 +317,9 @@ class Run:
         last_summary = self.log(step, acc) or last_summary
       self.save(step)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        t_eval = time.perf_counter()
         self.evaluate(step)
+        acc.exclude(time.perf_counter() - t_eval)
       if self.stop.should_stop(step):
         preempted = True
         break

@@ -1,6 +1,6 @@
 """Two processes x 4 CPU devices (launch/local.sh, gloo collectives) train like 1 process x 8.
 
-Both runs read the data as 2 shards (train.data_shards=2): the multi-process run gives each
+Both runs read the training data as 2 shards (train.data_shards=2): the multi-process run gives each
 process one shard, the single process stacks both, so the global batches are the same and the
 per-step losses must agree.
 """
@@ -30,8 +30,11 @@ def _params(workdir):
 
 
 def test_two_processes_match_one_process(tmp_path):
+  eval_manifest = os.path.join(REPO, "data_pipelines", "sample_corpus", "eval.jsonl")
   cfg = write_run_config(tmp_path, train__steps=STEPS, train__data_shards=2,
-                         train__checkpoint_every=0)
+                         train__checkpoint_every=0, data__eval_manifest=eval_manifest,
+                         train__asr_eval_samples=2,
+                         train__generate_max_tokens=3)
   cache = str(tmp_path / "cache")
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
 
@@ -54,6 +57,11 @@ def test_two_processes_match_one_process(tmp_path):
   for step in m1:
     np.testing.assert_allclose(m2[step]["loss"], m1[step]["loss"], rtol=1e-6, err_msg=str(step))
     assert m2[step]["label_tokens"] == m1[step]["label_tokens"]
+  # The final evaluation agrees: the loss over the whole eval manifest (packed differently on
+  # one and two processes, same samples) and the greedy ASR.
+  e1, e2 = read_metrics(one, "eval")[STEPS], read_metrics(two, "eval")[STEPS]
+  np.testing.assert_allclose(e2["loss"], e1["loss"], rtol=1e-5)
+  assert e2["label_tokens"] == e1["label_tokens"] and e2["asr_samples"] == e1["asr_samples"] == 2
   # Each process saved its own data iterator state.
   data_dir = os.path.join(two, "checkpoints", str(STEPS), "data")
   assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
