@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -18,7 +19,8 @@ import pytest
 from moss_jax import checkpoint
 from moss_jax import sharding
 from moss_jax import train_step as ts
-from test_train_helpers import read_metrics, run_config, train_command, train_env, write_run_config
+from test_train_helpers import (REPO, read_metrics, run_config, train_command, train_env,
+                                write_run_config)
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +86,13 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir):
   la, lb = read_metrics(straight), read_metrics(broken)
   for step in range(killed_at + 1, steps + 1):
     assert la[step]["loss"] == lb[step]["loss"], step
+
+  # The trained run answers through `python -m moss_jax.generate`.
+  clip = os.path.join(REPO, "data_pipelines", "sample_corpus", "audio", "train_speech_001.flac")
+  gen = _run([sys.executable, "-m", "moss_jax.generate", "--workdir", straight, "--audio", clip,
+              "--max_new_tokens", "4"], env)
+  _check_ok(gen)
+  assert gen.stdout.startswith(clip + "\t")
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
