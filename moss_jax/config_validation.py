@@ -10,6 +10,8 @@ import math
 import os
 from typing import Sequence
 
+from absl import logging
+
 from moss_jax import batch as batch_lib
 from moss_jax import optim
 
@@ -105,8 +107,10 @@ def _check_data(data, rows_per_shard_divisor: int, process_count: int, grad_accu
   if data.feature_mode not in ("waveform", "mel"):
     problems.append(f"data.feature_mode={data.feature_mode!r}: choose 'waveform' or 'mel'")
   if data.max_audio_seconds > data.max_audio_chunks * batch_lib.CHUNK_FRAMES / 100.0:
-    problems.append(f"data.max_audio_seconds ({data.max_audio_seconds}) exceeds what "
-                    f"data.max_audio_chunks ({data.max_audio_chunks}) x 4 s chunks can hold")
+    # Not fatal: longer clips are skipped as does_not_fit instead of too_long.
+    logging.warning("data.max_audio_seconds (%s) exceeds what data.max_audio_chunks (%d) x 4 s "
+                    "chunks hold; longer clips will be skipped as does_not_fit",
+                    data.max_audio_seconds, data.max_audio_chunks)
   manifests = [m for m in str(data.train_manifests).split(",") if m]
   if not manifests:
     problems.append("data.train_manifests is empty: pass --config.data.train_manifests=a.jsonl,b.jsonl")

@@ -65,6 +65,8 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir):
   env = train_env(cache_dir)
   straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
   _check_ok(_run(train_command(cfg, straight), env))
+  # Saved every 4 steps, the last train.keep_checkpoints (3) kept.
+  assert checkpoint.complete_steps(os.path.join(straight, "checkpoints")) == [8, 12, 16]
 
   proc = subprocess.Popen(train_command(cfg, broken), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
