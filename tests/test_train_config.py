@@ -47,3 +47,24 @@ def test_mesh_and_process_checks():
   c.data.batch_size = 12
   with pytest.raises(ConfigError, match="divisible by the process count"):
     validate(c, num_devices=4, process_count=8)
+
+
+@pytest.mark.parametrize("preset", ["4b_stage1", "8b"])
+def test_reference_sizes_lower_from_abstract_shapes(preset):
+  """The pod-scale step is built and lowered with no data and no allocated parameters."""
+  import jax
+  from moss_jax import sharding
+  from moss_jax import train_step as ts
+  c = pretrain.get_config(preset)
+  c.data.batch_size = 8
+  c.mesh.shape = (1, 4, 2)
+  prog = ts.build_program(c, sharding.make_mesh(c.mesh))
+  lowered = prog.train_step.lower(prog.abstract_state, prog.abstract_batch)
+  assert "stablehlo" in lowered.as_text()[:20000]
+  # Stage 1 keeps optimizer moments for the adapter and mergers only.
+  moments = sum(x.size for x in jax.tree.leaves(prog.abstract_state["opt_state"]) if x.ndim)
+  trainable = sum(x.size for x in jax.tree.leaves(prog.abstract_state["params"]))
+  assert moments == 2 * trainable
+  if preset == "4b_stage1":
+    assert set(prog.abstract_state["params"]) == {"audio_adapter"} | {
+        f"deepstack_audio_merger_list_{i}" for i in range(3)}
