@@ -17,6 +17,7 @@ import numpy as np
 
 from moss_jax import batch as batch_lib
 from moss_jax import generate
+from moss_jax.metrics import summarize_stats
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -52,19 +53,6 @@ def _global_count(n: int) -> int:
     return n
   from jax.experimental import multihost_utils
   return int(np.max(multihost_utils.process_allgather(np.array([n], np.int64))))
-
-
-def summarize_stats(sums: Mapping[str, np.ndarray],
-                    tasks: Sequence[str] = batch_lib.TASKS) -> dict[str, float]:
-  tokens = max(float(sums["tokens"]), 1.0)
-  out = {"loss": float(sums["ce_sum"]) / tokens, "accuracy": float(sums["correct"]) / tokens,
-         "label_tokens": float(sums["tokens"])}
-  for i, task in enumerate(tasks):
-    n = float(sums["task_tokens"][i])
-    if n > 0:
-      out[f"loss/{task}"] = float(sums["task_ce_sum"][i]) / n
-      out[f"accuracy/{task}"] = float(sums["task_correct"][i]) / n
-  return out
 
 
 def eval_loss(program, params, local_batches: Iterable[Mapping[str, np.ndarray]],

@@ -25,6 +25,20 @@ SUMMED = ("ce_sum", "z_loss_sum", "tokens", "correct", "task_ce_sum", "task_toke
           "task_correct", "audio_seconds", "input_tokens")
 
 
+def summarize_stats(sums: Mapping[str, np.ndarray],
+                    tasks: Sequence[str] = batch_lib.TASKS) -> dict[str, float]:
+  """Token-weighted loss and accuracy, overall and per task, from summed step statistics."""
+  tokens = max(float(sums["tokens"]), 1.0)
+  out = {"loss": float(sums["ce_sum"]) / tokens, "accuracy": float(sums["correct"]) / tokens,
+         "label_tokens": float(sums["tokens"])}
+  for i, task in enumerate(tasks):
+    n = float(sums["task_tokens"][i])
+    if n > 0:
+      out[f"loss/{task}"] = float(sums["task_ce_sum"][i]) / n
+      out[f"accuracy/{task}"] = float(sums["task_correct"][i]) / n
+  return out
+
+
 class Accumulator:
   """Collects the device metric dicts of the steps since the last log point."""
 
@@ -55,16 +69,14 @@ class Accumulator:
             for k in SUMMED if k in host[0]}
     last = host[-1]
     tokens = max(float(sums["tokens"]), 1.0)
-    out = {
-        "loss": float(sums["ce_sum"]) / tokens,
-        "accuracy": float(sums["correct"]) / tokens,
-        "label_tokens": float(sums["tokens"]),
+    out = summarize_stats(sums, tasks)
+    out.update({
         "steps_in_interval": float(n),
         "interval_seconds": elapsed,
         "step_seconds": elapsed / n,
         "tokens_per_second": float(sums["input_tokens"]) / max(elapsed, 1e-9),
         "audio_seconds_per_second": float(sums["audio_seconds"]) / max(elapsed, 1e-9),
-    }
+    })
     if "z_loss_sum" in sums:
       out["z_loss"] = float(sums["z_loss_sum"]) / tokens
     norms = [float(m["grad_norm"]) for m in host if math.isfinite(float(m["grad_norm"]))]
@@ -72,11 +84,6 @@ class Accumulator:
     for key in ("lr", "skipped_total", "consecutive_skipped"):
       if key in last:
         out[key] = float(last[key])
-    for i, task in enumerate(tasks):
-      count = float(sums["task_tokens"][i])
-      if count > 0:
-        out[f"loss/{task}"] = float(sums["task_ce_sum"][i]) / count
-        out[f"accuracy/{task}"] = float(sums["task_correct"][i]) / count
     return out
 
 
