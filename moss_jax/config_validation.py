@@ -14,12 +14,13 @@ from absl import logging
 
 from moss_jax import batch as batch_lib
 from moss_jax import optim
+from moss_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run; the message lists every problem."""
 
   def __init__(self, problems: Sequence[str]):

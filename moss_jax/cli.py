@@ -1,0 +1,96 @@
+"""What every `python -m moss_jax.<command>` shares: absl flags, logging, one-line errors.
+
+Every command defines its flags with absl (snake_case names, `--config` with overrides where a
+config is taken) and ends with `cli.run(main)`. Then:
+- the project's own INFO lines are shown, while Orbax's, absl's and JAX's per-save and
+  per-compile chatter is quieted by logger (`--verbosity` still raises everything);
+- a `UserError` (or anything derived from it, such as `ConfigError`) prints `error: <message>`
+  on one line and exits with status 2; Ctrl-C exits with status 130 and one line;
+- `LimitedWarnings` keeps a warning that repeats (one per bad record, say) from flooding a log.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags, logging
+
+from moss_jax.errors import UserError
+
+# Loggers that log every save, restore or compile at INFO; a training log is unreadable with them.
+CHATTY_LOGGERS = ("orbax", "absl.orbax", "jax._src", "jax", "grain", "tensorstore", "etils",
+                  "google.cloud", "urllib3")
+
+
+def setup_logging() -> None:
+  """INFO for the project's lines, WARNING for the libraries' (unless --verbosity was given)."""
+  if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+    return
+  logging.set_verbosity(logging.INFO)
+  for name in CHATTY_LOGGERS:
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  # absl.logging routes Python logging through one handler; Orbax logs through absl.logging at
+  # INFO from its own modules, which the per-module filter below silences.
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops records below WARNING that come from library code logging through absl."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    path = record.pathname.replace("\\", "/")
+    return not any(f"/{lib}/" in path for lib in ("orbax", "jax", "grain", "flax", "etils"))
+
+
+def run(main: Callable[[Sequence[str]], int | None]) -> None:
+  """absl `app.run` with the project's logging and one-line errors."""
+
+  def wrapped(argv: Sequence[str]) -> int | None:
+    setup_logging()
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+      return main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 2
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr, flush=True)
+      return 130
+
+  app.run(lambda argv: sys.exit(wrapped(argv) or 0))
+
+
+def require(*names: str) -> None:
+  """Raises UserError naming every required flag that was not given."""
+  missing = [f"--{n}" for n in names if flags.FLAGS[n].value in (None, "", [])]
+  if missing:
+    raise UserError(f"missing required flag(s): {', '.join(missing)} (see --help)")
+
+
+class LimitedWarnings:
+  """Logs the first `first` warnings of each kind, then only every `every`-th, with a running count.
+
+  `warn(key, msg, *args)`: `key` groups messages of one kind (a bad-record reason, say).
+  """
+
+  def __init__(self, first: int = 10, every: int = 1000):
+    self.first = first
+    self.every = every
+    self.counts: dict[str, int] = {}
+
+  def warn(self, key: str, msg: str, *args) -> None:
+    n = self.counts.get(key, 0) + 1
+    self.counts[key] = n
+    if n <= self.first:
+      logging.warning(msg, *args)
+      if n == self.first:
+        logging.warning("(further '%s' warnings are shown once every %d)", key, self.every)
+    elif n % self.every == 0:
+      logging.warning(msg + " [%d so far]", *args, n)
