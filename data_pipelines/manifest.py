@@ -370,7 +370,7 @@ class ManifestSource:
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"manifest not found: {path}")
+      raise errors.ManifestNotFound(f"manifest not found: {path}")
     self.path = path
     self._offsets, self._lengths, self._numbers = index_lines(path)
     self._fd = None

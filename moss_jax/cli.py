@@ -64,7 +64,55 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
       print("interrupted", file=sys.stderr, flush=True)
       return 130
 
-  app.run(lambda argv: sys.exit(wrapped(argv) or 0))
+  app.run(lambda argv: sys.exit(wrapped(argv) or 0), flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with every mistake (an unknown flag, an unknown config field, a config
+  file that does not load) reported as one `error:` line and status 2 instead of a traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):
+      flag = flags.FLAGS[name]
+      # ml_collections config flags load their file lazily: load it now, where errors are ours.
+      # (A file that failed to load is kept as an object raising on first use: use it now.)
+      if type(flag).__module__.startswith("ml_collections") and flag.present:
+        hasattr(flag.value, "to_dict")
+    return args
+  except flags.Error as e:
+    _fail(f"{e} (see --help)")
+  except (AttributeError, KeyError) as e:  # an override naming a field the config lacks
+    _fail(_unknown_field_message(e, argv))
+  except (OSError, ImportError, SyntaxError, ValueError, TypeError) as e:  # the config file
+    _fail(f"cannot load the config: {_last_line(e)}")
+  raise AssertionError("unreachable")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
+  key = str(e).strip("\"' ")
+  detail = ""
+  cause = e.__context__
+  while cause is not None:  # ml_collections puts "did you mean" on an inner KeyError
+    if "Did you mean" in str(cause):
+      detail = " (" + str(cause).strip("\"' ").split("Did you mean", 1)[1].strip().rstrip(
+          "?'\"") + "?)"
+      detail = " (did you mean" + detail[1:]
+      break
+    cause = cause.__context__
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]]
+  named = [a for a in given if a.rsplit(".", 1)[-1] == key]
+  where = f" in {named[0]}" if named else ""
+  return f"unknown config field {key!r}{where}{detail}"
 
 
 def require(*names: str) -> None:

@@ -158,6 +158,30 @@ class MetricWriter:
           self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
       self._tb.flush()
 
+  def truncate_after(self, step: int) -> None:
+    """Drops the JSONL records of steps after `step`: a run resumed there (after a kill) redoes
+    them and writes them again, and a reader should see each step once."""
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) > step:
+          continue
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut short by the kill
+      kept.append(line)
+    if len(kept) != len(lines):
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a", encoding="utf-8")
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()

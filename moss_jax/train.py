@@ -72,12 +72,18 @@ class ShardedLoader:
 
   def set_state(self, process_states: list[Mapping[str, Any]]) -> None:
     """Restores from the states every process saved (any process count, same shard count)."""
+    from moss_jax.errors import UserError
     merged: dict[str, Any] = {}
     for st in process_states:
-      if st.get("num_shards") != self.num_shards:
-        raise ValueError(f"checkpoint data state has {st.get('num_shards')} shards, this run "
-                         f"{self.num_shards}: set train.data_shards to match")
+      if not (isinstance(st.get("num_shards"), int) and isinstance(st.get("shards"), dict)):
+        raise ValueError(f"malformed data iterator state (keys {sorted(st)})")
+      if st["num_shards"] != self.num_shards:
+        raise UserError(f"checkpoint data state has {st['num_shards']} shards, this run "
+                        f"{self.num_shards}: set train.data_shards to match")
       merged.update(st["shards"])
+    missing = [s for s in self.shard_ids if str(s) not in merged]
+    if missing:
+      raise ValueError(f"data iterator state lacks shards {missing}")
     for s, loader in zip(self.shard_ids, self.loaders):
       loader.set_state(merged[str(s)])
 
@@ -186,43 +192,65 @@ class Run:
 
   def __init__(self, config, workdir: str):
     import jax
-    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, sharding
-    from moss_jax import train_step as ts
+    from moss_jax import distributed
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
+    # Until the loop starts there is nothing to save: a stop signal ends set-up at once.
+    self.stop = distributed.StopSignal(interruptible=True)
+    self.lock = self.writer = self.loader = self.checkpointer = None
+    try:
+      self._set_up(config)
+    except BaseException:
+      self.close()  # the loader's threads and the lock, whatever set-up got to
+      raise
+    self.state = None
+    self.first_loss = None
+
+  def _set_up(self, config) -> None:
+    import jax
+    from moss_jax import checkpoint, config_validation, flops, metrics, sharding
+    from moss_jax import train_step as ts
+    from moss_jax import workdir_lock
     config_validation.validate(config, jax.device_count(), jax.process_count())
     check_tokenizer(config)
-    if self.is_main:
-      write_config(config, self.workdir)
+    # Taken before anything in the workdir is written: a second run on it refuses here.
+    self.lock = workdir_lock.WorkdirLock(self.workdir) if self.is_main else None
     self.mesh = sharding.make_mesh(config.mesh)
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
     self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
                         f"{jax.process_count()} process(es); stage {config.train.stage}")
-    self.program = ts.build_program(config, self.mesh)
     self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
+    # The first batch before minutes of compiling: a run whose every record is rejected stops
+    # now with the reason (pipeline.NoUsableRecords). A resume discards it (set_state rewinds).
+    self._first_batch = next(self.loader)
+    self.program = ts.build_program(config, self.mesh)
     self.checkpointer = checkpoint.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
-    self.stop = distributed.StopSignal()
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.get("peak_flops_per_device", 0.0))
-    self.state = None
-    self.first_loss = None
 
   # -- state
 
   def restore_or_init(self) -> int:
+    """Resumes from the newest readable checkpoint (or initialises), then writes config.json:
+    a resume with a config the checkpoint does not fit stops before the run's own is replaced."""
     from moss_jax.model import count_params
-    restored = self.checkpointer.restore(self.program.abstract_state)
+    restored = self.checkpointer.restore(
+        self.program.abstract_state, config=self.config.to_dict(),
+        apply_data_state=lambda data: self.loader.set_state(data["processes"]))
     if restored is not None:
       self.state = restored.state
-      self.loader.set_state(restored.data_state["processes"])
+      self._first_batch = None  # set_state rewound the loader to the checkpoint's position
       self.writer.console(f"resumed from step {restored.step} ({self.checkpointer.directory})")
+      self.writer.truncate_after(restored.step)  # rows of steps about to be redone
     else:
       params = initial_params(self.config, self.program)
       self.state = self.program.state_from_params(params)
       del params
+    if self.is_main:
+      write_config(self.config, self.workdir)
     n_train = count_params(self.state["params"])
     n_all = n_train + count_params(self.state["frozen"])
     self.writer.console(f"parameters: {n_all:,} ({n_train:,} trainable); analytic "
@@ -230,9 +258,19 @@ class Run:
                         f"{self.peak / 1e9:.1f} GFLOP/s ({self.peak_source})")
     return int(self.state["step"])
 
-  def save(self, step: int, force: bool = False) -> bool:
-    return self.checkpointer.save(step, self.state, self.loader.get_state(), self.config.to_dict(),
+  def save(self, step: int, force: bool = False, data_state=None) -> bool:
+    """`data_state`: the loader state that goes with `self.state` when the loader itself was
+    interrupted mid-batch (its current state would skip that batch)."""
+    if data_state is None:
+      data_state = self.loader.get_state()
+    return self.checkpointer.save(step, self.state, data_state, self.config.to_dict(),
                                   force=force)
+
+  def _next_batch(self):
+    if self._first_batch is not None:
+      batch, self._first_batch = self._first_batch, None
+      return batch
+    return next(self.loader)
 
   # -- logging
 
@@ -291,8 +329,9 @@ class Run:
   # -- loop
 
   def train(self) -> dict[str, Any]:
+    import contextlib
     import jax
-    from moss_jax import metrics
+    from moss_jax import distributed, metrics
     cfg = self.config.train
     t_start = time.perf_counter()
     step = self.restore_or_init()
@@ -302,30 +341,53 @@ class Run:
     pending = None  # previous step's metrics: read one step late so the host never waits
     last_summary: dict[str, float] = {}
     preempted = False
-    while step < cfg.steps:
-      batch = self.program.global_batch(next(self.loader))
-      self.state, m = self.program.step(self.state, batch)
-      step += 1
-      acc.add(m)
-      if step == start_step + 1 and start_step == 0:
-        self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
-        self.writer.write(step, "train_first", {"loss": self.first_loss})
-      if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
-        self._diverged(step - 1, pending)
-      pending = m
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        last_summary = self.log(step, acc) or last_summary
-      self.save(step)
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        t_eval = time.perf_counter()
-        self.evaluate(step)
-        acc.exclude(time.perf_counter() - t_eval)
-      if self.stop.should_stop(step):
-        preempted = True
-        break
+    # From here a signal normally waits for the end of the step, which is then checkpointed.
+    # Waits without bound are cut short (see StopSignal); with several processes they are not,
+    # since all processes must reach the same step to save together.
+    self.stop.set_interruptible(False)
+    single = jax.process_count() == 1
+    cut_short = self.stop.interruptible if single else contextlib.nullcontext
+    data_state = None  # the loader state before the batch being read, while it is read
+    try:
+      while step < cfg.steps:
+        data_state = self.loader.get_state() if single else None
+        with cut_short():
+          host_batch = self._next_batch()
+        data_state = None
+        batch = self.program.global_batch(host_batch)
+        # The first step compiles (minutes on large models) and may be cut short too: the state
+        # before it is the checkpoint just restored (or step 0), so nothing is lost.
+        with (cut_short() if step == start_step else contextlib.nullcontext()):
+          self.state, m = self.program.step(self.state, batch)
+        step += 1
+        acc.add(m)
+        if step == start_step + 1 and start_step == 0:
+          self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
+          self.writer.write(step, "train_first", {"loss": self.first_loss})
+        if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
+          self._diverged(step - 1, pending)
+        pending = m
+        if step % cfg.log_every == 0 or step == cfg.steps:
+          last_summary = self.log(step, acc) or last_summary
+        self.checkpointer.check()  # a failed background save stops the run at this step
+        self.save(step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+          t_eval = time.perf_counter()
+          with cut_short():
+            self.evaluate(step)
+          acc.exclude(time.perf_counter() - t_eval)
+        if self.stop.should_stop(step):
+          preempted = True
+          break
+    except distributed.Stopped:
+      preempted = True
+    if preempted and step == start_step:
+      self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
+                          "same command to start")
+      return {"step": step, "preempted": True, "last": last_summary, "first_loss": None}
     if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
       self._diverged(step, pending)
-    self.save(step, force=True)
+    self.save(step, force=True, data_state=data_state)
     self.checkpointer.wait()
     result = {"step": step, "preempted": preempted, "last": last_summary,
               "first_loss": self.first_loss or self._first_loss_from_log()}
@@ -333,7 +395,14 @@ class Run:
       self.writer.console(f"stopped by signal at step {step}; checkpoint written, rerun the "
                           "same command to resume")
     else:
-      result["eval"] = self.evaluate(step, final=True)
+      self.stop.set_interruptible(True)  # the checkpoint is written: evaluation may be cut short
+      try:
+        result["eval"] = self.evaluate(step, final=True)
+      except distributed.Stopped:
+        self.writer.console(f"stopped by signal during the final evaluation; step {step} is "
+                            "saved")
+        result["preempted"] = True
+        return result
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
     return result
@@ -381,19 +450,34 @@ class Run:
             "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, f, indent=2)
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.loader.close()
-    self.writer.close()
-    self.stop.restore()
+    """Releases what set-up got to (it may have stopped part way)."""
+    try:
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+    finally:
+      if self.loader is not None:
+        self.loader.close()
+      if self.writer is not None:
+        self.writer.close()
+      if self.lock is not None:
+        self.lock.release()
+      self.stop.restore()
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final summary."""
-  run = Run(config, workdir)
+  from moss_jax import distributed
+  run = None
   try:
+    run = Run(config, workdir)
     return run.train()
+  except distributed.Stopped:
+    print("stopped by signal during set-up; nothing to save, rerun the same command to start",
+          flush=True)
+    return {"step": 0, "preempted": True, "last": {}, "first_loss": None}
   finally:
-    run.close()
+    if run is not None:
+      run.close()
 
 
 def main(argv) -> int:
@@ -405,14 +489,15 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
   from moss_jax import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from moss_jax.config_validation import ConfigError
+  from moss_jax.errors import UserError
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, TrainingDiverged) as e:
+  except (UserError, TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from moss_jax import cli
+  cli.run(main)
