@@ -46,6 +46,14 @@ class ManifestNotFound(ManifestError, FileNotFoundError):
   pass
 
 
+class TokenizerError(UserError, ValueError):
+  """config.data.tokenizer names no usable tokenizer (wrong kind, wrong file)."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+  pass
+
+
 class NoUsableRecords(UserError):
   """Every record of the training manifests was rejected: no batch can ever be made.
 

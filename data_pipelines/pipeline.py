@@ -38,6 +38,7 @@ from data_pipelines import packing
 from data_pipelines import templates
 from data_pipelines import tokenizers as tokenizers_lib
 from data_pipelines.errors import BadRecordError
+from moss_jax import batch as batch_lib
 from moss_jax import cli
 
 SAMPLE_READAHEAD = 16  # decoded samples buffered per reader (process or worker)
@@ -384,8 +385,12 @@ def pack_spec(config, rows: int, tokenizer: tokenizers_lib.Tokenizer) -> packing
 
 def _encoder(config, tokenizer, prompt_only: bool = False) -> RecordEncoder:
   data = config.data
+  # A clip longer than a row's audio chunks hold can never fit: reject it from its header (a
+  # header read) rather than after decoding it and computing its features (an hour-long file).
+  capacity = data.max_audio_chunks * batch_lib.CHUNK_SAMPLES / batch_lib.SAMPLE_RATE
   return RecordEncoder(tokenizer, feature_mode=data.feature_mode, time_markers=data.time_markers,
-                       max_audio_seconds=data.max_audio_seconds, prompt_only=prompt_only)
+                       max_audio_seconds=min(data.max_audio_seconds, capacity),
+                       prompt_only=prompt_only)
 
 
 def rows_per_process(batch_size: int, process_count: int) -> int:
