@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -135,16 +137,21 @@ def set_aside(directory: str | epath.PathLike, step: int, reason: str) -> epath.
   return moved
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-  """The most telling line of an exception: an OSError in its chain if any (disk full, ...)."""
+def _one_line(e: BaseException, limit: int = 200) -> str:
+  """The most telling line of an exception: the OS error in its chain or in TensorStore's text
+  (disk full, file too large, permission denied) first, then the start of its message."""
   seen, cur = [], e
   while cur is not None and cur not in seen:
     seen.append(cur)
     if isinstance(cur, OSError) and cur.strerror:
-      return f"{type(cur).__name__}: {cur}"[:limit]
+      return f"{cur.strerror} ({type(cur).__name__}: {cur})"[:limit * 2]
     cur = cur.__cause__ or cur.__context__
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]
+  text = " ".join(str(e).split())
+  first = f"{type(e).__name__}: {text}"
+  if len(first) > limit:
+    first = first[:limit] + " [...]"
+  code = re.search(r"os_error_code='?(\d+)", text)  # TensorStore's errors carry the errno
+  return f"{os.strerror(int(code.group(1)))} ({first})" if code else first
 
 
 def restore_newest(directory: str | epath.PathLike, restore_step: Callable[[int], T], *,
@@ -238,6 +245,7 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     self.every = int(every)
     self._pending: int | None = None  # the step whose background write is not yet checked
+    self._failed = False  # a SaveFailed was raised: close() must not raise it again
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         enable_async_checkpointing=async_save,
@@ -279,12 +287,18 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raises SaveFailed if the last save's background write has ended in an error (cheap:
-    it only waits when that write has already finished)."""
-    if self._pending is None or self._manager.is_saving_in_progress():
+    it only waits when that write has already finished).
+
+    Single-process only: processes could see the write end at different steps, and all must
+    stop at the same one; with several, the next save (which waits everywhere) reports it.
+    """
+    if (self._pending is None or jax.process_count() > 1 or
+        self._manager.is_saving_in_progress()):
       return
     self.wait()
 
   def _save_failed(self, step: int, e: BaseException) -> SaveFailed:
+    self._failed = True
     good = [s for s in complete_steps(self.directory) if s != step]
     last = (f"step {good[-1]} ({self.directory / str(good[-1])})" if good
             else "none: no checkpoint of this run was completed")
@@ -341,10 +355,16 @@ class Checkpointer:
       raise self._save_failed(step if step is not None else -1, e) from e
 
   def close(self) -> None:
+    """Waits for the last save (SaveFailed if it failed, unless a failure was already raised)."""
     try:
-      self.wait()
+      if not self._failed:
+        self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
 
 # ----------------------------------------------------------------------------- parameters only

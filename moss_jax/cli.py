@@ -39,13 +39,48 @@ def setup_logging() -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops records below WARNING that come from library code logging through absl."""
+  """Drops records below WARNING that come from library code logging through absl, and cuts the
+  library's warnings and errors to their first line.
+
+  A library error that matters reaches the command as an exception, which the project reports in
+  its own words (a failed save names the step and the last good checkpoint); the library's own
+  tracebacks (Orbax logs one per background thread, asyncio one per unretrieved task, each with
+  kilobytes of TensorStore spec) would bury that line. `--verbosity` shows them all again.
+  """
+
+  LIBRARIES = ("orbax", "jax", "grain", "flax", "etils", "asyncio", "tensorstore")
+  MAX_CHARS = 300
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.WARNING:
-      return True
     path = record.pathname.replace("\\", "/")
-    return not any(f"/{lib}/" in path for lib in ("orbax", "jax", "grain", "flax", "etils"))
+    if not any(f"/{lib}/" in path for lib in self.LIBRARIES):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    lines = record.getMessage().strip().splitlines() or [""]
+    first = lines[0]
+    if len(first) > self.MAX_CHARS or len(lines) > 1 or record.exc_info:
+      first = first[:self.MAX_CHARS] + " [...]"
+    record.msg, record.args = first, None
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def _quiet_late_callbacks(hook=sys.excepthook):
+  """An excepthook that drops "Event loop is closed" from TensorStore callbacks.
+
+  When an Orbax save or restore fails, Orbax closes its asyncio loop while TensorStore still has
+  reads or writes in flight; each one that completes later calls back into the closed loop and
+  TensorStore prints the RuntimeError through sys.excepthook (hundreds during a restore
+  fallback). The failure itself has been reported already; these carry nothing.
+  """
+
+  def excepthook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    hook(kind, value, tb)
+
+  return excepthook
 
 
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
@@ -53,6 +88,7 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
 
   def wrapped(argv: Sequence[str]) -> int | None:
     setup_logging()
+    sys.excepthook = _quiet_late_callbacks()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:

@@ -250,3 +250,28 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(trained, tmp
   finally:
     if mounted:
       subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ----------------------------------------------------------------------------- one-line mistakes
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--config.data.max_tokenz=64"], "unknown config field 'max_tokenz' in --config.data.max_tokenz"),
+    (["--config.train.steps=many"], "--config.train.steps=many"),
+    (["--config.data.tokenizer.kind=hf"], "set data.tokenizer.kind=sentencepiece"),
+    (["--config.data.train_manifests={empty}"], "manifest(s) with no records"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, cache_dir, flags, expected):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  cfg = write_run_config(tmp_path)
+  flags = [f.format(empty=empty) for f in flags]
+  proc = _run(train_command(cfg, str(tmp_path / "run"), *flags), train_env(cache_dir))
+  assert proc.returncode == 2
+  assert expected in _error_line(proc)
+
+
+def test_missing_config_file_is_one_line(tmp_path, cache_dir):
+  proc = _run(train_command(str(tmp_path / "nope.py"), str(tmp_path / "run")), train_env(cache_dir))
+  assert proc.returncode == 2
+  assert "nope.py" in _error_line(proc)
