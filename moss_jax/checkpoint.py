@@ -66,7 +66,8 @@ class DataStateHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
     """{"processes": [state of process 0, 1, ...]}: every process's file, so a run may resume
-    on another process count when its loader can redistribute the states (train.ShardedLoader)."""
+    on another process count when its loader can redistribute the states
+    (data_pipelines/loader.py ShardedLoader)."""
     files = sorted(directory.glob("process_*-of-*.json"),
                    key=lambda p: int(p.name.split("_")[1].split("-")[0]))
     if not files:

@@ -14,9 +14,9 @@ import signal
 import threading
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = "MOSS_JAX_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "MOSS_JAX_NUM_PROCESSES"
