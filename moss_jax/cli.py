@@ -12,6 +12,7 @@ config is taken) and ends with `cli.run(main)`. Then:
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -83,12 +84,25 @@ def _quiet_late_callbacks(hook=sys.excepthook):
   return excepthook
 
 
+def _quiet_late_unraisable(hook=sys.unraisablehook):
+  """The same for TensorStore's callbacks that report through PyErr_WriteUnraisable."""
+
+  def unraisablehook(unraisable):
+    if (unraisable.exc_type is RuntimeError and
+        str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+
+  return unraisablehook
+
+
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
   """absl `app.run` with the project's logging and one-line errors."""
 
   def wrapped(argv: Sequence[str]) -> int | None:
     setup_logging()
     sys.excepthook = _quiet_late_callbacks()
+    sys.unraisablehook = _quiet_late_unraisable()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -135,16 +149,14 @@ def _last_line(e: BaseException) -> str:
 
 
 def _unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
-  key = str(e).strip("\"' ")
-  detail = ""
-  cause = e.__context__
-  while cause is not None:  # ml_collections puts "did you mean" on an inner KeyError
-    if "Did you mean" in str(cause):
-      detail = " (" + str(cause).strip("\"' ").split("Did you mean", 1)[1].strip().rstrip(
-          "?'\"") + "?)"
-      detail = " (did you mean" + detail[1:]
-      break
-    cause = cause.__context__
+  chain, cur = [], e
+  while cur is not None and cur not in chain:
+    chain.append(cur)
+    cur = cur.__cause__ or cur.__context__
+  name = re.search(r"[A-Za-z_][A-Za-z0-9_]*", str(e))
+  key = name.group(0) if name else str(e)
+  suggestion = re.search(r'Did you mean "([^"]+)"', " ".join(str(c) for c in chain))
+  detail = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
   given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]]
   named = [a for a in given if a.rsplit(".", 1)[-1] == key]
   where = f" in {named[0]}" if named else ""
