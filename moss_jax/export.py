@@ -467,37 +467,48 @@ def import_hf(hf_dir, run_dir, config: ml_collections.ConfigDict | None = None,
 
 # ----------------------------------------------------------------------------- command line
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run to export (holds checkpoints/).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest complete one).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory to write (must not hold files).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Tensor dtype of the export.")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "Split weights above this (5GB, 4GiB).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer to ship (default: the run's).")
-_LLM_ONLY = flags.DEFINE_bool("llm_only", False, "Export the Qwen3 LLM as Qwen3ForCausalLM.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
-_FROM_HF = flags.DEFINE_string("from_hf", None, "Reference-format directory to turn into a run.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "With --from_hf: the run's base training config (default pretrain.py:4b).",
-    lock_config=False)
+def define_flags() -> dict[str, Any]:
+  """The command's flags; defined only when run as a program, since `train` imports this
+  module (train.export_at_end) and defines a --config of its own."""
+  return dict(
+      workdir=flags.DEFINE_string("workdir", None, "Training run to export (holds checkpoints/)."),
+      step=flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest complete)."),
+      output_dir=flags.DEFINE_string("output_dir", None, "Directory to write (must hold no files)."),
+      dtype=flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Tensor dtype of the export."),
+      max_shard_size=flags.DEFINE_string("max_shard_size", "5GB",
+                                         "Split the weights above this size (5GB, 4GiB)."),
+      tokenizer=flags.DEFINE_string("tokenizer", None, "Tokenizer to ship (default: the run's)."),
+      llm_only=flags.DEFINE_bool("llm_only", False, "Export the Qwen3 LLM as Qwen3ForCausalLM."),
+      overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing output directory."),
+      from_hf=flags.DEFINE_string("from_hf", None,
+                                  "Reference-format directory to turn into a run directory."),
+      config=config_flags.DEFINE_config_file(
+          "config", None, "With --from_hf: the run's base training config (default "
+          "configs/pretrain.py:4b).", lock_config=False))
+
+
+_FLAGS: dict[str, Any] = {}
 
 
 def main(argv: Sequence[str]) -> int:
   del argv
+  f = {name: holder.value for name, holder in _FLAGS.items()}
   cli.require("output_dir")
-  if bool(_FROM_HF.value) == bool(_WORKDIR.value):
+  if bool(f["from_hf"]) == bool(f["workdir"]):
     raise UserError("give exactly one of --workdir (export a run) and --from_hf (import a model)")
-  if _FROM_HF.value:
-    import_hf(_FROM_HF.value, _OUTPUT_DIR.value, _CONFIG.value, overwrite=_OVERWRITE.value)
-    print(f"wrote run {_OUTPUT_DIR.value} from {_FROM_HF.value}; train from it with "
-          f"--config.train.init_from_checkpoint={_OUTPUT_DIR.value}/{CHECKPOINTS}")
+  if f["from_hf"]:
+    import_hf(f["from_hf"], f["output_dir"], f["config"], overwrite=f["overwrite"])
+    print(f"wrote run {f['output_dir']} from {f['from_hf']}; train from it with "
+          f"--config.train.init_from_checkpoint={f['output_dir']}/{CHECKPOINTS}")
     return 0
-  r = export_run(_WORKDIR.value, _OUTPUT_DIR.value, _STEP.value, _DTYPE.value, _MAX_SHARD.value,
-                 _TOKENIZER.value, _LLM_ONLY.value, _OVERWRITE.value)
-  print(f"exported step {r.step} of {_WORKDIR.value} to {r.output_dir}: {len(r.files)} weight "
+  r = export_run(f["workdir"], f["output_dir"], f["step"], f["dtype"], f["max_shard_size"],
+                 f["tokenizer"], f["llm_only"], f["overwrite"])
+  print(f"exported step {r.step} of {f['workdir']} to {r.output_dir}: {len(r.files)} weight "
         f"file(s), {r.tensor_bytes / 1e6:.1f} MB in {r.seconds:.1f} s "
         f"({r.tensor_bytes / 1e6 / max(r.seconds, 1e-9):.0f} MB/s)")
   return 0
 
 
 if __name__ == "__main__":
+  _FLAGS.update(define_flags())
   cli.run(main)

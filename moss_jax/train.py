@@ -336,6 +336,11 @@ class Run:
       result["eval"] = self.evaluate(step, final=True)
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
+      if cfg.get("export_at_end", False) and self.is_main:
+        from moss_jax import export
+        r = export.export_run(self.workdir, os.path.join(self.workdir, "hf"), step=step,
+                              overwrite=True)
+        self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
 
   def _diverged(self, step: int, m) -> None:
