@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -47,7 +46,7 @@ def _train(workdir, stage: str = "full", steps: int = STEPS, mesh=(1, -1, 1)):
     state, _ = prog.step(state, prog.global_batch(ts.synthetic_batch(config, seed=seed)))
   write_config(config, str(workdir))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, async_save=False)
-  for step in (1, steps):  # an older step too, so a missing step has others to list
+  for step in sorted({1, steps}):  # an older step too, so a missing step has others to list
     ckpt.save(step, state, {}, config.to_dict(), force=True)
   ckpt.close()
   return config, state
@@ -61,9 +60,9 @@ def run(tmp_path_factory):
 
 
 def _case(audio_token_id: int, vocab: int, seed: int = 0):
-  """Token ids with one 9.68 s clip's placeholders (three chunks) and its mel."""
+  """Token ids with one 5 s clip's placeholders and its mel."""
   rng = np.random.default_rng(seed)
-  frames = 968
+  frames = 500  # two chunks, the second short (its padding reaches the conv stem)
   n_audio = -(-frames // 8)
   ids = np.concatenate([rng.integers(10, vocab, 5), [audio_token_id] * n_audio,
                         rng.integers(10, vocab, 20)])[None].astype(np.int64)
@@ -85,15 +84,22 @@ def _torch_model(out_dir) -> tr.TorchMossAudio:
   return model.eval()
 
 
+_JAX_LOGITS = {}
+
+
 def _logit_diff(run, out_dir):
+  """Max abs difference of the reference model on an export vs the JAX model on the run."""
   _, config, params = run
   proc = json.loads(open(os.path.join(out_dir, "processor_config.json")).read())
   ids, mel, lengths = _case(proc["audio_token_id"], config.model.text.vocab_size)
   with torch.no_grad():
     want = _torch_model(out_dir)(torch.from_numpy(ids), torch.from_numpy(mel),
                                  torch.from_numpy(lengths)).numpy()
-  got = np.asarray(hf.reference_logits(MossAudioModel(config=config.model), params, ids, mel,
-                                       lengths, audio_token_id=proc["audio_token_id"]))
+  if id(params) not in _JAX_LOGITS:  # one compile for the float32 and bfloat16 tests
+    _JAX_LOGITS[id(params)] = np.asarray(hf.reference_logits(
+        MossAudioModel(config=config.model), params, ids, mel, lengths,
+        audio_token_id=proc["audio_token_id"]))
+  got = _JAX_LOGITS[id(params)]
   return float(np.abs(got - want).max()), float(np.abs(got).max())
 
 
@@ -136,7 +142,7 @@ def test_bfloat16_sharded_export_matches_within_the_stated_tolerance(run, tmp_pa
 
 def test_stage1_run_exports_both_halves_merged(tmp_path):
   workdir = tmp_path / "stage1"
-  config, state = _train(workdir, stage="adapter", steps=2)
+  config, state = _train(workdir, stage="adapter", steps=1)
   assert set(state["params"]) == {"audio_adapter", "deepstack_audio_merger_list_0",
                                   "deepstack_audio_merger_list_1"}
   assert {"audio_encoder", "language_model", "lm_head"} <= set(state["frozen"])
@@ -257,9 +263,10 @@ def test_a_full_disk_leaves_no_directory_that_looks_complete(run, tmp_path):
   no OUT, no partial directory left beside it."""
   workdir, _, _ = run
   out = tmp_path / "out"
-  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-  proc = _export_cli("--workdir", workdir, "--output_dir", str(out), "--dtype", "float32",
-                     preexec_fn=limit)
+  proc = subprocess.run(["bash", "-c", 'ulimit -f 100 && exec "$0" "$@"', sys.executable, "-m",
+                         "moss_jax.export", "--workdir", workdir, "--output_dir", str(out),
+                         "--dtype", "float32"], capture_output=True, text=True, timeout=300,
+                        env=train_env("/tmp"))
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: no room to write the export (File too large"), proc.stderr
