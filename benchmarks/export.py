@@ -27,17 +27,23 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Run in the export's own process: RSS after the imports (the baseline), then the peak.
+# Run in the export's own process: RSS after the imports (the baseline), then the peak. VmHWM,
+# not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent.
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
 from moss_jax import export
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm_kb():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1])
+
+base = hwm_kb()
 t = time.perf_counter()
 r = export.export_run({workdir!r}, {out!r}, dtype={dtype!r}, show_progress=False)
 print(json.dumps(dict(seconds=time.perf_counter() - t, bytes=r.tensor_bytes, files=len(r.files),
-                      baseline_kb=base,
-                      peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+                      baseline_kb=base, peak_kb=hwm_kb())))
 """
 
 
@@ -59,14 +65,16 @@ def make_run(workdir: str) -> int:
   """A run directory with one checkpoint of random float32 weights; returns the parameter count."""
   import jax
   import jax.numpy as jnp
-  from moss_jax import checkpoint
+  from moss_jax import checkpoint, sharding
   from moss_jax.model import abstract_params
   from moss_jax.train import write_config
   config = mid_config()
   rng = np.random.default_rng(0)
+  # Sharded over 8 devices as a training run saves it (fsdp): Orbax writes a chunk per shard.
+  mesh = sharding.make_mesh(config.mesh)
   params = jax.tree.map(
-      lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32) * 0.02),
-      abstract_params(config.model))
+      lambda a, sh: jax.device_put(rng.standard_normal(a.shape, np.float32) * 0.02, sh),
+      abstract_params(config.model), sharding.param_shardings(config.model, mesh))
   n = sum(int(x.size) for x in jax.tree.leaves(params))
   write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, async_save=False)
@@ -97,15 +105,26 @@ def main(argv=None) -> int:
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the files go")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--keep", action="store_true", help="keep the run and export")
+  parser.add_argument("--make_run", help=argparse.SUPPRESS)  # internal: write the run only
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.make_run:
+    print(make_run(args.make_run))
+    return 0
   root = tempfile.mkdtemp(prefix="moss_jax_export_bench_", dir=args.dir)
   try:
     workdir, out = os.path.join(root, "run"), os.path.join(root, "hf")
     t = time.perf_counter()
-    n_params = make_run(workdir)
-    make_seconds = time.perf_counter() - t
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # In a process of its own, so this one stays small while the export runs.
+    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make_run", workdir],
+                          env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                          capture_output=True, text=True, check=False)
+    if made.returncode:
+      print(made.stderr[-4000:], file=sys.stderr)
+      return 1
+    n_params = int(made.stdout.strip().splitlines()[-1])
+    make_seconds = time.perf_counter() - t
     child = subprocess.run([sys.executable, "-c", _CHILD.format(
         repo=REPO, workdir=workdir, out=out, dtype=args.dtype)], env=env, capture_output=True,
         text=True, check=False)

@@ -27,8 +27,11 @@ that looks like a complete model.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -54,6 +57,9 @@ CONFIG_FILE = "config.json"  # a run's resolved config (train.write_config)
 RUN_CONFIG_IN_EXPORT = "moss_jax_config.json"
 CHECKPOINTS = "checkpoints"
 DTYPES = ("bfloat16", "float32", "float16")
+# Chunks decoded at once while reading a leaf: parallel decompression vs transient memory (more
+# did not help on the 2-core benchmark machine).
+_CHUNKS_IN_FLIGHT = 2
 # Errors of a write that ran out of room (a full disk, a quota, a file-size limit).
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -131,6 +137,10 @@ class CheckpointParams:
     # chunk is read exactly once.
     self._context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 64 << 20},
                                 "file_io_concurrency": {"limit": 64}})
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="export_read")
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
   def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {p: tuple(m.shape) for p, m in self.leaves.items()}
@@ -139,22 +149,86 @@ class CheckpointParams:
     m = self.leaves[path]
     return int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
 
-  def read(self, path: tuple[str, ...]) -> np.ndarray:
-    """One whole leaf as a host numpy array, in its stored dtype."""
+  def read(self, path: tuple[str, ...], dtype=None) -> np.ndarray:
+    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype)."""
+    return self.start_read(path, dtype)()
+
+  def start_read(self, path: tuple[str, ...], dtype=None):
+    """Starts reading a leaf in a background thread; returns a function that waits for it."""
+    future = self._pool.submit(self._read, path, dtype)
+
+    def wait() -> np.ndarray:
+      try:
+        return future.result()
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore: ValueError/OSError)
+        raise UserError(f"cannot read parameter {'/'.join(path)} from {self.state_dir}: "
+                        f"{e}") from None
+
+    return wait
+
+  def _read(self, path: tuple[str, ...], dtype) -> np.ndarray:
+    """Chunk by chunk (the shards Orbax wrote), each decoded once and cast into the result as it
+    arrives, a few in flight (parallel decompression; the transient memory is those chunks), and a float32 leaf exported as
+    bfloat16 is only ever held in bfloat16."""
     m = self.leaves[path]
     info = ocp.type_handlers.ParamInfo(
         name=m.name, parent_dir=epath.Path(m.directory or self.state_dir),
         is_ocdbt_checkpoint=self._use_ocdbt, use_zarr3=self._use_zarr3, ts_context=self._context)
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-    try:
-      arr = ts.open(spec, context=self._context, open=True).result().read().result()
-    except Exception as e:  # pylint: disable=broad-except  (tensorstore raises ValueError/OSError)
-      raise UserError(f"cannot read parameter {'/'.join(path)} from {self.state_dir}: "
-                      f"{e}") from None
-    if tuple(arr.shape) != tuple(m.shape):
-      raise UserError(f"parameter {'/'.join(path)} in {self.state_dir} has shape {arr.shape}, "
-                      f"its metadata says {tuple(m.shape)}")
-    return arr
+    src = ts.open(spec, context=self._context, open=True).result()
+    if tuple(src.shape) != tuple(m.shape):
+      raise UserError(f"parameter {'/'.join(path)} in {self.state_dir} has shape "
+                      f"{tuple(src.shape)}, its metadata says {tuple(m.shape)}")
+    out = np.empty(src.shape, np.dtype(dtype) if dtype is not None else src.dtype.numpy_dtype)
+    chunk = [c or n for c, n in zip(src.chunk_layout.read_chunk.shape or src.shape, src.shape)]
+    starts = itertools.product(*[range(0, n, c) for n, c in zip(src.shape, chunk)])
+    in_flight: collections.deque = collections.deque()
+    for start in starts:
+      region = tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, src.shape))
+      in_flight.append((region, src[region].read()))
+      if len(in_flight) >= _CHUNKS_IN_FLIGHT:
+        region, f = in_flight.popleft()
+        out[region] = f.result()
+    while in_flight:
+      region, f = in_flight.popleft()
+      out[region] = f.result()
+    return out
+
+
+class _LeafStream:
+  """The leaves of a checkpoint in a fixed order, one held at a time (in the export's dtype);
+  the next one is read in the background while the current one is converted, when both fit in
+  the largest leaf's bytes (so the overlap never raises the peak memory above that)."""
+
+  def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype):
+    self.ckpt = ckpt
+    self.order = order
+    self.dtype = dtype
+    self.size = {p: int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * dtype.itemsize
+                 for p in order}
+    self.budget = max(self.size.values())
+    self.current: tuple[str, ...] | None = None
+    self.value: np.ndarray | None = None
+    self.pending: dict[tuple[str, ...], Any] = {}
+
+  def get(self, path: tuple[str, ...]) -> np.ndarray:
+    if path != self.current:
+      self.value = None  # drop the previous leaf before holding the next
+      wait = self.pending.pop(path, None) or self.ckpt.start_read(path, self.dtype)
+      self.value, self.current = wait(), path
+      i = self.order.index(path)
+      if i + 1 < len(self.order):
+        nxt = self.order[i + 1]
+        if self.size[path] + self.size[nxt] <= self.budget:
+          self.pending[nxt] = self.ckpt.start_read(nxt, self.dtype)
+    return self.value
+
+  def close(self) -> None:
+    self.value, self.current = None, None
+    self.pending.clear()
+    self.ckpt.close()
 
 
 def check_shapes(ckpt: CheckpointParams, model_config, parts=None) -> bool:
@@ -348,31 +422,34 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
   model_config = config.model
   ckpt = CheckpointParams(step_dir)
   parts = mapping.LLM_PARTS if llm_only else None
-  scanned = check_shapes(ckpt, model_config, parts)
-  token_ids, tok_path = token_ids_and_tokenizer(config, tokenizer)
+  try:
+    scanned = check_shapes(ckpt, model_config, parts)
+    token_ids, tok_path = token_ids_and_tokenizer(config, tokenizer)
+  except BaseException:
+    ckpt.close()
+    raise
   entries = mapping.entries(model_config, scanned, parts=parts)
   groups = io._group_by_leaf(entries)  # pylint: disable=protected-access
   ordered = [e for group in groups.values() for e in group]  # leaf by leaf (see module doc)
   name = (lambda e: mapping.rename_for_qwen3(e.hf_key)) if llm_only else (lambda e: e.hf_key)
   by_name = {name(e): e for e in ordered}
   total = sum(int(np.prod(e.hf_shape)) for e in ordered) * np_dtype.itemsize
-  held: dict[tuple[str, ...], np.ndarray] = {}
+  leaves = _LeafStream(ckpt, list(groups), np_dtype)
 
   def produce(hf_name: str) -> np.ndarray:
     e = by_name[hf_name]
-    if e.flax_path not in held:
-      held.clear()  # drop the previous leaf before reading the next
-      held[e.flax_path] = ckpt.read(e.flax_path)
-    leaf = held[e.flax_path]
+    leaf = leaves.get(e.flax_path)
     x = leaf[e.stack_index] if e.stack_index is not None else leaf
-    return np.asarray(mapping.to_hf(e.transform, x), dtype=np_dtype, order="C")
+    return to_hf_layout(x, e.transform, np_dtype)
 
   def write(path: str) -> list[str]:
-    with progress.Progress(total, f"exporting step {step}", unit="B",
-                           enabled=show_progress) as bar:
-      files = io.write_weights(path, [(name(e), e.hf_shape) for e in ordered], produce, np_dtype,
-                               max_shard_size, on_written=bar.update)
-    held.clear()
+    try:
+      with progress.Progress(total, f"exporting step {step}", unit="B",
+                             enabled=show_progress) as bar:
+        files = io.write_weights(path, [(name(e), e.hf_shape) for e in ordered], produce,
+                                 np_dtype, max_shard_size, on_written=bar.update)
+    finally:
+      leaves.close()
     if llm_only:
       _write_qwen3_configs(path, model_config, np_dtype, token_ids, tok_path)
     else:
@@ -386,6 +463,25 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
   t0 = time.perf_counter()
   files = _write_into(out, overwrite, write)
   return ExportResult(step, os.fspath(out), files, total, time.perf_counter() - t0)
+
+
+def to_hf_layout(x: np.ndarray, transform: str, dtype: np.dtype) -> np.ndarray:
+  """One tensor in torch layout and `dtype`, C-contiguous, ready to write.
+
+  Casts first (a contiguous pass that halves the bytes for bfloat16), then transposes kernels in
+  row blocks: numpy's plain transposed copy of a large matrix misses the cache on every element
+  and was the slowest step of an export.
+  """
+  y = np.asarray(x).astype(dtype, copy=False)
+  if transform != mapping.LINEAR or y.ndim != 2:
+    return np.ascontiguousarray(mapping.to_hf(transform, y))
+  native = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(y.dtype.itemsize)
+  src = y.view(native) if native is not None else y  # integer copies: no dtype-specific loop
+  out = np.empty(src.shape[::-1], src.dtype)
+  block = 256
+  for i in range(0, src.shape[0], block):
+    out[:, i:i + block] = src[i:i + block].T
+  return out.view(y.dtype)
 
 
 def _write_qwen3_configs(path, model_config, np_dtype, token_ids, tokenizer) -> None:
