@@ -275,3 +275,66 @@ def test_a_full_disk_leaves_no_directory_that_looks_complete(run, tmp_path):
   assert proc.returncode == 0 and "exported step 3" in proc.stdout, proc.stderr[-3000:]
   proc = _export_cli("--output_dir", str(out))
   assert proc.returncode == 2 and "exactly one of --workdir" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- real processes
+
+_SAVE_2_PROCESSES = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+from moss_jax import checkpoint, distributed, sharding
+from moss_jax import train_step as ts
+from moss_jax.train import write_config
+from test_train_helpers import run_config
+
+distributed.initialize()
+config = run_config()
+prog = ts.build_program(config, sharding.make_mesh(config.mesh))
+state = prog.init_state(jax.random.key(7))
+if jax.process_index() == 0:
+  write_config(config, {workdir!r})
+ckpt = checkpoint.Checkpointer({ckpt!r}, every=1, async_save=False)
+ckpt.save(1, state, {{}}, config.to_dict(), force=True)
+ckpt.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_by_two_processes_exports_on_another_mesh(tmp_path):
+  """2 processes x 4 devices save; this process (8 devices, no distributed run) exports."""
+  workdir = tmp_path / "run"
+  script = tmp_path / "save.py"
+  script.write_text(_SAVE_2_PROCESSES.format(tests=os.path.dirname(__file__), workdir=str(workdir),
+                                             ckpt=str(workdir / "checkpoints")))
+  env = train_env(str(tmp_path / "cache"), devices=4, LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "4", sys.executable,
+                         str(script)], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  state_dir = workdir / "checkpoints" / "1" / "state"
+  assert (state_dir / "ocdbt.process_1").is_dir()  # both processes wrote their shards
+  out = tmp_path / "out"
+  export.export_run(str(workdir), str(out), dtype="float32")
+  config = run_config({"mesh.shape": [2, 2, 2]})
+  abstract = ts.abstract_params_with_shardings(config.model, sharding.make_mesh(config.mesh))
+  want = jax.device_get(checkpoint.restore_params(str(workdir / "checkpoints"), abstract))
+  _, got = hf.load_pretrained(str(out))
+  for (pa, a), (pb, b) in zip(jax.tree_util.tree_leaves_with_path(want),
+                              jax.tree_util.tree_leaves_with_path(got)):
+    assert pa == pb
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(pa))
+
+
+@pytest.mark.slow
+def test_train_export_at_end_writes_workdir_hf(tmp_path):
+  from test_train_helpers import train_command
+  cfg = write_run_config(tmp_path, train__steps=2, train__checkpoint_every=0,
+                         train__export_at_end=True)
+  workdir = tmp_path / "run"
+  proc = subprocess.run(train_command(cfg, str(workdir)), env=train_env(str(tmp_path / "cache")),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"exported step 2 to {workdir / 'hf'}" in proc.stdout
+  model, params = hf.load_pretrained(str(workdir / "hf"))
+  assert json.loads((workdir / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+  assert model.config.text.vocab_size == 512 and (workdir / "hf" / "tokenizer.model").exists()
