@@ -49,7 +49,9 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from moss_jax import checkpoint, cli, optim, progress
+from configs import pretrain
+from data_pipelines import tokenizers
+from moss_jax import checkpoint, cli, hf, optim, progress
 from moss_jax.errors import UserError
 from moss_jax.hf import config_io, io, mapping
 
@@ -363,7 +365,6 @@ def token_ids_and_tokenizer(config, tokenizer: str | None = None
   The ids come from the run's tokenizer (its special pieces, or the ids set in
   config.data.tokenizer); without a tokenizer, from config.data.tokenizer or the Qwen3 defaults.
   """
-  from data_pipelines import tokenizers
   tok_cfg = ml_collections.ConfigDict(config.get("data", {}).get("tokenizer", {}) or {})
   path = tokenizer or tok_cfg.get("path", "")
   ids = {}
@@ -507,12 +508,10 @@ def import_hf(hf_dir, run_dir, config: ml_collections.ConfigDict | None = None,
   only (no optimizer state): start training from it with
   --config.train.init_from_checkpoint=RUN/checkpoints. Returns the step written (0).
   """
-  from moss_jax import hf
   hf_dir = os.fspath(hf_dir)
   if not os.path.isfile(os.path.join(hf_dir, "config.json")):
     raise UserError(f"--from_hf {hf_dir}: no config.json (not a reference-format directory)")
   if config is None:
-    from configs import pretrain
     config = pretrain.get_config("4b")
   config = ml_collections.ConfigDict(config.to_dict())
   ours = config.model

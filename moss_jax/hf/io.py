@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moss_jax import progress
 from moss_jax.hf import config_io, mapping
 from moss_jax.hf.safetensors_file import SafetensorsFile, write_file
+from moss_jax.model import MossAudioModel, param_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -129,18 +131,19 @@ def load_pretrained(path: str, dtype=jnp.float32, config_overrides: Mapping[str,
     config_overrides: {"dtype": "bfloat16", "scan_layers": False, ...} applied to config.model.
     mesh: when given, every leaf is placed with its sharding from `moss_jax.sharding`.
   """
-  from moss_jax.model import MossAudioModel
   model_config = config_from_pretrained(path, dtype, config_overrides)
   reader = CheckpointReader(path)
   entries = mapping.entries(model_config)
   check_names_and_shapes({e.hf_key: e.hf_shape for e in entries}, reader)
-  shardings = _param_shardings(model_config, mesh)
+  shardings = param_shardings(model_config, mesh) if mesh is not None else None
   params: dict = {}
   np_dtype = jnp.dtype(model_config.param_dtype)
-  for flax_path, group in _group_by_leaf(entries).items():
-    value = _build_leaf(group, reader.get, np_dtype)
-    sharding = mapping.get_leaf(shardings, flax_path) if shardings is not None else None
-    mapping.set_leaf(params, flax_path, _place(value, sharding))
+  with progress.Progress(len(entries), f"loading {path}", unit=" tensors") as bar:
+    for flax_path, group in _group_by_leaf(entries).items():
+      value = _build_leaf(group, reader.get, np_dtype)
+      sharding = mapping.get_leaf(shardings, flax_path) if shardings is not None else None
+      mapping.set_leaf(params, flax_path, _place(value, sharding))
+      bar.update(len(group))
   return MossAudioModel(config=model_config), params
 
 
@@ -154,13 +157,6 @@ def config_from_pretrained(path: str, dtype=jnp.float32,
   model_config.param_dtype = name
   model_config.dtype = name
   return config_io.apply_overrides(model_config, config_overrides)
-
-
-def _param_shardings(model_config, mesh):
-  if mesh is None:
-    return None
-  from moss_jax import sharding
-  return sharding.param_shardings(model_config, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +238,10 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
   by_name = {e.hf_key: e for e in entries}
   np_dtype = np.dtype(jnp.dtype(dtype))
   os.makedirs(path, exist_ok=True)
-  files = write_weights(path, [(e.hf_key, e.hf_shape) for e in entries],
-                        lambda name: mapping.export_tensor(params, by_name[name]), np_dtype,
-                        max_shard_size)
+  with progress.Progress(len(entries), f"saving {path}", unit=" tensors") as bar:
+    files = write_weights(path, [(e.hf_key, e.hf_shape) for e in entries],
+                          lambda name: mapping.export_tensor(params, by_name[name]), np_dtype,
+                          max_shard_size, on_written=lambda _: bar.update(1))
   write_model_configs(path, model_config, np_dtype, token_ids, enable_time_marker, source_dir,
                       tokenizer)
   return files
@@ -400,11 +397,13 @@ def load_qwen3_llm(path: str, params_or_abstract: Mapping, dtype=None) -> dict:
   _check_tree_shapes(tree, entries)
   fetch = lambda key: reader.get(_qwen3_source(mapping.rename_for_qwen3(key), tied))
   out = _copy_tree(tree)
-  for flax_path, group in _group_by_leaf(entries).items():
-    leaf = mapping.get_leaf(tree, flax_path)
-    leaf_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(leaf.dtype)
-    value = _build_leaf(group, fetch, np.dtype(leaf_dtype))
-    mapping.set_leaf(out, flax_path, _place(value, getattr(leaf, "sharding", None)))
+  with progress.Progress(len(entries), f"loading {path}", unit=" tensors") as bar:
+    for flax_path, group in _group_by_leaf(entries).items():
+      leaf = mapping.get_leaf(tree, flax_path)
+      leaf_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(leaf.dtype)
+      value = _build_leaf(group, fetch, np.dtype(leaf_dtype))
+      mapping.set_leaf(out, flax_path, _place(value, getattr(leaf, "sharding", None)))
+      bar.update(len(group))
   return out
 
 
