@@ -8,7 +8,10 @@ exports it in a fresh process and prints one JSON object:
   export MB/s (output bytes / wall time, fsync included), the same machine's raw sequential write
   speed for the same number of bytes (64 MB blocks + fsync) measured in the same run, their
   ratio, the export process's peak RSS, its Python/JAX baseline (RSS after the imports) and the
-  model's size. Goals: ratio >= 0.5 and peak RSS < baseline + model size / 2.
+  model's size (the bytes written). Goals: ratio >= 0.5 and peak RSS < baseline + model size / 2.
+  The export is CPU-bound (decompressing the Orbax chunks, casting, transposing) where the raw
+  write is not, so its CPU seconds and the machine's load average are printed too: on a shared
+  machine the ratio says more about the other processes than about the export.
 The files (about 5 GB in all) are deleted at the end unless --keep.
 """
 
@@ -39,11 +42,16 @@ def hwm_kb():
     if line.startswith("VmHWM:"):
       return int(line.split()[1])
 
-base = hwm_kb()
+def cpu_seconds():
+  import resource
+  u = resource.getrusage(resource.RUSAGE_SELF)
+  return u.ru_utime + u.ru_stime
+
+base, cpu = hwm_kb(), cpu_seconds()
 t = time.perf_counter()
 r = export.export_run({workdir!r}, {out!r}, dtype={dtype!r}, show_progress=False)
 print(json.dumps(dict(seconds=time.perf_counter() - t, bytes=r.tensor_bytes, files=len(r.files),
-                      baseline_kb=base, peak_kb=hwm_kb())))
+                      baseline_kb=base, peak_kb=hwm_kb(), cpu_seconds=cpu_seconds() - cpu)))
 """
 
 
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
         params=n_params, dtype=args.dtype, model_mb=round(model_mb, 1),
         checkpoint_float32_mb=round(n_params * 4 / 1e6, 1), weight_files=r["files"],
         export_seconds=round(r["seconds"], 2), export_mb_s=round(export_mb_s, 1),
+        export_cpu_seconds=round(r["cpu_seconds"], 1),
+        load_average_1min=round(os.getloadavg()[0], 1), cpu_cores=os.cpu_count(),
         raw_write_mb_s=round(raw, 1), ratio_to_raw=round(export_mb_s / raw, 3),
         peak_rss_mb=round(peak_mb, 1), baseline_rss_mb=round(baseline_mb, 1),
         rss_above_baseline_mb=round(peak_mb - baseline_mb, 1),
