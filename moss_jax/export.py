@@ -91,6 +91,26 @@ def find_step(workdir, step: int | None = None) -> tuple[int, epath.Path]:
   return step, ckpt_dir / str(step)
 
 
+def open_checkpoint(workdir, step: int | None = None
+                    ) -> tuple[int, ml_collections.ConfigDict, "CheckpointParams"]:
+  """(step, config, parameters) of `step`; without one, of the newest complete step whose
+  metadata and config can be read (older ones are tried in turn with a warning, as train's
+  restore does)."""
+  newest, step_dir = find_step(workdir, step)
+  if step is not None:
+    return step, run_config(step_dir, workdir), CheckpointParams(step_dir)
+  errors = []
+  for s in checkpoint.complete_steps(step_dir.parent)[::-1]:
+    d = step_dir.parent / str(s)
+    try:
+      return s, run_config(d, workdir), CheckpointParams(d)
+    except UserError as e:
+      errors.append(f"step {s}: {e}")
+      logging.warning("cannot open checkpoint step %d (%s); trying an older one", s, e)
+  raise UserError(f"no checkpoint of {workdir} can be read (newest {newest}): "
+                  + "; ".join(errors))
+
+
 def run_config(step_dir, workdir=None) -> ml_collections.ConfigDict:
   """The config a checkpoint was saved with (its `config` item), else the run's config.json."""
   item = epath.Path(step_dir) / checkpoint.CONFIG
@@ -418,10 +438,8 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
     raise UserError(f"--max_shard_size: {e}") from None
   out = _absolute(output_dir)
   _check_output(out, overwrite)
-  step, step_dir = find_step(workdir, step)
-  config = run_config(step_dir, workdir)
+  step, config, ckpt = open_checkpoint(workdir, step)
   model_config = config.model
-  ckpt = CheckpointParams(step_dir)
   parts = mapping.LLM_PARTS if llm_only else None
   try:
     scanned = check_shapes(ckpt, model_config, parts)

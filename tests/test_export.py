@@ -225,6 +225,17 @@ def test_a_missing_step_lists_the_complete_ones(run, tmp_path):
     export.export_run(str(tmp_path), str(tmp_path / "out"))
 
 
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(run, tmp_path):
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(run[0], workdir)
+  (workdir / "checkpoints" / str(STEPS) / "state" / "_METADATA").write_text("{broken")
+  r = export.export_run(str(workdir), str(tmp_path / "out"), dtype="float32")
+  assert r.step == 1
+  with pytest.raises(UserError, match=f"cannot read the checkpoint metadata in .*/{STEPS}/state"):
+    export.export_run(str(workdir), str(tmp_path / "out2"), step=STEPS)
+
+
 def test_a_checkpoint_that_does_not_match_its_config_is_named(run, tmp_path):
   workdir, config, _ = run
   step_dir = os.path.join(workdir, "checkpoints", str(STEPS))
@@ -338,3 +349,51 @@ def test_train_export_at_end_writes_workdir_hf(tmp_path):
   model, params = hf.load_pretrained(str(workdir / "hf"))
   assert json.loads((workdir / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
   assert model.config.text.vocab_size == 512 and (workdir / "hf" / "tokenizer.model").exists()
+
+
+# ----------------------------------------------------------------------------- save_pretrained
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  from moss_jax.model import init_params
+  from test_train_helpers import tiny_config
+  config = tiny_config().model
+  return MossAudioModel(config=config), jax.device_get(init_params(config, jax.random.key(0)))
+
+
+def test_save_pretrained_keeps_given_ids_over_a_source_dirs_configs(tiny_model, tmp_path):
+  model, params = tiny_model
+  src = tmp_path / "released"
+  src.mkdir()
+  (src / "processor_config.json").write_text(json.dumps(dict(
+      processor_class="MossAudioProcessor", audio_token_id=151654, enable_time_marker=True,
+      chat_extra="kept", auto_map={"AutoProcessor": "processing_moss_audio.MossAudioProcessor"})))
+  (src / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, do_sample=True)))
+  (src / "tokenizer.json").write_text("{}")
+  out = tmp_path / "out"
+  hf.save_pretrained(str(out), model, params, token_ids=dict(audio_token_id=11, bos_token_id=3),
+                     source_dir=str(src), enable_time_marker=False)
+  proc = json.loads((out / "processor_config.json").read_text())
+  assert proc["audio_token_id"] == 11 and proc["enable_time_marker"] is False
+  assert proc["chat_extra"] == "kept"  # the released file is the base
+  gen = json.loads((out / "generation_config.json").read_text())
+  assert gen["bos_token_id"] == 3 and gen["do_sample"] is True
+  assert (out / "tokenizer.json").exists()
+  # The remote-code files are not in the directory, so nothing may point at them.
+  assert "auto_map" not in proc
+  assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+def test_save_pretrained_names_remote_code_only_when_present(tiny_model, tmp_path):
+  model, params = tiny_model
+  src = tmp_path / "released"
+  src.mkdir()
+  (src / "configuration_moss_audio.py").write_text("# remote code\n")
+  out = tmp_path / "out"
+  hf.save_pretrained(str(out), model, params, source_dir=str(src),
+                     tokenizer=os.path.join(REPO, "data_pipelines", "sample_corpus",
+                                            "tokenizer.model"))
+  config = json.loads((out / "config.json").read_text())
+  assert config["auto_map"] == {"AutoConfig": "configuration_moss_audio.MossAudioConfig"}
+  assert "auto_map" not in json.loads((out / "processor_config.json").read_text())
+  assert (out / "tokenizer.model").exists()  # the run's own tokenizer, not only a released one
