@@ -74,15 +74,15 @@ def make_run(workdir: str) -> int:
   import jax
   import jax.numpy as jnp
   from moss_jax import checkpoint, sharding
-  from moss_jax.model import abstract_params
+  from moss_jax import train_step as ts
   from moss_jax.train import write_config
   config = mid_config()
   rng = np.random.default_rng(0)
   # Sharded over 8 devices as a training run saves it (fsdp): Orbax writes a chunk per shard.
   mesh = sharding.make_mesh(config.mesh)
   params = jax.tree.map(
-      lambda a, sh: jax.device_put(rng.standard_normal(a.shape, np.float32) * 0.02, sh),
-      abstract_params(config.model), sharding.param_shardings(config.model, mesh))
+      lambda a: jax.device_put(rng.standard_normal(a.shape, np.float32) * 0.02, a.sharding),
+      ts.abstract_params_with_shardings(config.model, mesh))
   n = sum(int(x.size) for x in jax.tree.leaves(params))
   write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, async_save=False)

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import Qwen3ForCausalLM
 
 import torch_reference as tr
-from moss_jax import checkpoint, export, hf, sharding
+from moss_jax import checkpoint, export, hf, sharding, train
 from moss_jax import train_step as ts
 from moss_jax.errors import UserError
 from moss_jax.hf import io
-from moss_jax.model import MossAudioModel
-from test_train_helpers import REPO, run_config, train_env, write_run_config
+from moss_jax.model import MossAudioModel, init_params
+from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
+                                write_run_config)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 torch.set_num_threads(1)
@@ -38,13 +43,12 @@ BF16_REL_TOL = 2e-2
 def _train(workdir, stage: str = "full", steps: int = STEPS, mesh=(1, -1, 1)):
   """A run directory as `train` leaves it: config.json + checkpoints/STEP (params, frozen,
   optimizer state), trained `steps` steps on synthetic batches."""
-  from moss_jax.train import write_config
   config = run_config({"train.stage": stage, "mesh.shape": list(mesh)})
   prog = ts.build_program(config, sharding.make_mesh(config.mesh))
   state = prog.init_state(jax.random.key(0))
   for seed in range(steps):
     state, _ = prog.step(state, prog.global_batch(ts.synthetic_batch(config, seed=seed)))
-  write_config(config, str(workdir))
+  train.write_config(config, str(workdir))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, async_save=False)
   for step in sorted({1, steps}):  # an older step too, so a missing step has others to list
     ckpt.save(step, state, {}, config.to_dict(), force=True)
@@ -72,7 +76,6 @@ def _case(audio_token_id: int, vocab: int, seed: int = 0):
 
 def _torch_model(out_dir) -> tr.TorchMossAudio:
   """The reference model built from an export's config.json, weights loaded strictly."""
-  from safetensors.torch import load_file
   config = json.loads(open(os.path.join(out_dir, "config.json")).read())
   proc = json.loads(open(os.path.join(out_dir, "processor_config.json")).read())
   model = tr.TorchMossAudio(config, audio_token_id=proc["audio_token_id"])
@@ -181,10 +184,7 @@ def test_reference_dir_from_hf_and_back_is_byte_identical(tmp_path):
   p = json.loads(open(os.path.join(out, "processor_config.json")).read())
   assert (p["audio_token_id"], p["audio_start_id"], p["audio_end_id"]) == (7, 8, 9)
   # And `train` starts from the run: init_from_checkpoint restores the same weights.
-  from moss_jax import train
-  config = json.loads(open(os.path.join(run_dir, "config.json")).read())
-  import ml_collections
-  config = ml_collections.ConfigDict(config)
+  config = ml_collections.ConfigDict(json.loads(open(os.path.join(run_dir, "config.json")).read()))
   config.train.init_from_checkpoint = os.path.join(run_dir, "checkpoints")
   prog = ts.build_program(config, sharding.make_mesh(config.mesh))
   params = jax.device_get(train.initial_params(config, prog))
@@ -196,7 +196,6 @@ def test_reference_dir_from_hf_and_back_is_byte_identical(tmp_path):
 
 
 def test_llm_only_export_is_a_plain_qwen3_causal_lm(run, tmp_path):
-  from transformers import Qwen3ForCausalLM
   workdir, config, params = run
   out = str(tmp_path / "qwen")
   export.export_run(workdir, out, dtype="float32", llm_only=True)
@@ -226,7 +225,6 @@ def test_a_missing_step_lists_the_complete_ones(run, tmp_path):
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(run, tmp_path):
-  import shutil
   workdir = tmp_path / "run"
   shutil.copytree(run[0], workdir)
   (workdir / "checkpoints" / str(STEPS) / "state" / "_METADATA").write_text("{broken")
@@ -338,7 +336,6 @@ def test_a_checkpoint_saved_by_two_processes_exports_on_another_mesh(tmp_path):
 
 @pytest.mark.slow
 def test_train_export_at_end_writes_workdir_hf(tmp_path):
-  from test_train_helpers import train_command
   cfg = write_run_config(tmp_path, train__steps=2, train__checkpoint_every=0,
                          train__export_at_end=True)
   workdir = tmp_path / "run"
@@ -355,8 +352,6 @@ def test_train_export_at_end_writes_workdir_hf(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  from moss_jax.model import init_params
-  from test_train_helpers import tiny_config
   config = tiny_config().model
   return MossAudioModel(config=config), jax.device_get(init_params(config, jax.random.key(0)))
 
