@@ -10,8 +10,9 @@ exports it in a fresh process and prints one JSON object:
   ratio, the export process's peak RSS, its Python/JAX baseline (RSS after the imports) and the
   model's size (the bytes written). Goals: ratio >= 0.5 and peak RSS < baseline + model size / 2.
   The export is CPU-bound (decompressing the Orbax chunks, casting, transposing) where the raw
-  write is not, so its CPU seconds and the machine's load average are printed too: on a shared
-  machine the ratio says more about the other processes than about the export.
+  write is not, so its CPU seconds (MB per CPU second: its speed with one core of its own) and the
+  machine's load average are printed too: on a shared machine the wall-clock ratio says more
+  about the other processes than about the export.
 The files (about 5 GB in all) are deleted at the end unless --keep.
 """
 
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
         checkpoint_float32_mb=round(n_params * 4 / 1e6, 1), weight_files=r["files"],
         export_seconds=round(r["seconds"], 2), export_mb_s=round(export_mb_s, 1),
         export_cpu_seconds=round(r["cpu_seconds"], 1),
+        export_mb_per_cpu_second=round(r["bytes"] / 1e6 / r["cpu_seconds"], 1),
         load_average_1min=round(os.getloadavg()[0], 1), cpu_cores=os.cpu_count(),
         raw_write_mb_s=round(raw, 1), ratio_to_raw=round(export_mb_s / raw, 3),
         peak_rss_mb=round(peak_mb, 1), baseline_rss_mb=round(baseline_mb, 1),
