@@ -59,6 +59,10 @@ CONFIG_FILE = "config.json"  # a run's resolved config (train.write_config)
 RUN_CONFIG_IN_EXPORT = "moss_jax_config.json"
 CHECKPOINTS = "checkpoints"
 DTYPES = ("bfloat16", "float32", "float16")
+# Special ids: (name in config.data.tokenizer / our tokenizers, name in the HF config files).
+_ID_NAMES = (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
+             ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
+             ("im_end_id", "eos_token_id"))
 # Chunks decoded at once while reading a leaf: parallel decompression vs transient memory (more
 # did not help on the 2-core benchmark machine).
 _CHUNKS_IN_FLIGHT = 2
@@ -387,7 +391,6 @@ def token_ids_and_tokenizer(config, tokenizer: str | None = None
   """
   tok_cfg = ml_collections.ConfigDict(config.get("data", {}).get("tokenizer", {}) or {})
   path = tokenizer or tok_cfg.get("path", "")
-  ids = {}
   if path:
     if not (os.path.exists(path) or not _is_local(epath.Path(path))):
       hint = "" if tokenizer else " (the run's data.tokenizer.path; pass --tokenizer PATH)"
@@ -404,9 +407,7 @@ def token_ids_and_tokenizer(config, tokenizer: str | None = None
     ids = {n: int(tok_cfg[n]) for n in tokenizers.SPECIAL_NAMES
            if tok_cfg.get(n) is not None and int(tok_cfg[n]) >= 0}
   token_ids = dict(config_io.DEFAULT_TOKEN_IDS)
-  for ours, theirs in (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
-                       ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
-                       ("im_end_id", "eos_token_id")):
+  for ours, theirs in _ID_NAMES:
     if ours in ids:
       token_ids[theirs] = int(ids[ours])
   return token_ids, path or None
@@ -542,9 +543,7 @@ def import_hf(hf_dir, run_dir, config: ml_collections.ConfigDict | None = None,
   config.model = model.config
   ids = config_io.read_token_ids(hf_dir)
   tok = config.data.tokenizer
-  for ours_name, theirs in (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
-                            ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
-                            ("im_end_id", "eos_token_id")):
+  for ours_name, theirs in _ID_NAMES:
     tok[ours_name] = int(ids[theirs])
   proc_path = os.path.join(hf_dir, "processor_config.json")
   if os.path.exists(proc_path):
