@@ -77,6 +77,13 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master weights
   c.scan_layers = True
   c.remat_policy = "none"  # none | full | dots | dots_no_batch
+  # LLM attention (moss_jax/model/attention.py): auto | xla | blockwise | cudnn | splash. auto =
+  # splash on TPU, cudnn on GPU (bf16), blockwise elsewhere; xla is the reference einsum path.
+  c.attention = "auto"
+  c.attention_block_size = 512  # query/key block of blockwise and splash attention
+  # Tokens per row whose logits exist at once in the loss (lm_head is fused into a chunked
+  # cross-entropy); 0 = all at once, as [B, L, vocab] float32 logits.
+  c.loss_chunk_size = 512
   return c
 
 

@@ -38,15 +38,10 @@ SCALAR_KEYS = ("step", "skipped_total", "consecutive_skipped")
 
 # ----------------------------------------------------------------------------- loss
 
-def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
-                z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Sums of cross-entropy, z-loss, label tokens and correct argmaxes, overall and per task.
-
-  logits [B, L, V] (any float dtype; computed in float32), labels / task_ids int32 [B, L].
-  """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
-  tasks = task_ids[:, 1:]
+def _stat_sums(logits: jax.Array, targets: jax.Array, tasks: jax.Array,
+               z_loss: float) -> dict[str, jax.Array]:
+  """The sums of `token_stats` for logits [..., V] already aligned with their targets [...]."""
+  logits = logits.astype(jnp.float32)
   valid = targets != batch_lib.IGNORE_INDEX
   validf = valid.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
@@ -58,11 +53,60 @@ def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
       "ce_sum": ce.sum(),
       "tokens": validf.sum(),
       "correct": correct.sum(),
-      "task_ce_sum": jnp.einsum("blt,bl->t", onehot, ce),
-      "task_tokens": onehot.sum(axis=(0, 1)),
-      "task_correct": jnp.einsum("blt,bl->t", onehot, correct),
+      "task_ce_sum": jnp.einsum("...t,...->t", onehot, ce),
+      "task_tokens": onehot.reshape(-1, NUM_TASKS).sum(axis=0),
+      "task_correct": jnp.einsum("...t,...->t", onehot, correct),
   }
   stats["z_loss_sum"] = (z_loss * jnp.square(logz) * validf).sum() if z_loss else jnp.zeros(())
+  return stats
+
+
+def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
+                z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Sums of cross-entropy, z-loss, label tokens and correct argmaxes, overall and per task.
+
+  logits [B, L, V] (any float dtype; computed in float32), labels / task_ids int32 [B, L].
+  The reference of `chunked_token_stats`, which the steps use.
+  """
+  return _stat_sums(logits[:, :-1], labels[:, 1:], task_ids[:, 1:], z_loss)
+
+
+def chunked_token_stats(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                        labels: jax.Array, task_ids: jax.Array, z_loss: float = 0.0,
+                        chunk_size: int = 512) -> dict[str, jax.Array]:
+  """`token_stats` of logits_fn(hidden) without ever holding [B, L, V] logits.
+
+  hidden [B, L, H] final hidden states; logits_fn(h [B, c, H]) -> float32 logits [B, c, V]
+  (lm_head). The rows are cut into chunks of `chunk_size` positions (0 = one chunk), scanned
+  with a rematerialised body: the backward pass recomputes each chunk's logits from its hidden
+  states, so forward and backward hold one [B, c, V] chunk (and its softmax) at a time instead
+  of the [B, L, V] float32 logits, softmax and gradient (27 GiB per device for the 4b preset at
+  4096 tokens). lm_head's weight gradient accumulates in the parameter's dtype across chunks.
+  """
+  b, length, _ = hidden.shape
+  pad_label = jnp.full((b, 1), batch_lib.IGNORE_INDEX, labels.dtype)
+  targets = jnp.concatenate([labels[:, 1:], pad_label], axis=1)  # logits[t] predicts labels[t+1]
+  tasks = jnp.concatenate([task_ids[:, 1:], jnp.zeros((b, 1), task_ids.dtype)], axis=1)
+  chunk = length if chunk_size <= 0 else min(chunk_size, length)
+  n = -(-length // chunk)
+  extra = n * chunk - length
+  if extra:
+    hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, extra)), constant_values=batch_lib.IGNORE_INDEX)
+    tasks = jnp.pad(tasks, ((0, 0), (0, extra)))
+  split = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_sums(h, t, k):
+    return _stat_sums(logits_fn(h), t, k, z_loss)
+
+  def body(carry, xs):
+    return jax.tree.map(jnp.add, carry, chunk_sums(*xs)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(chunk_sums, hidden[:, :chunk], targets[:, :chunk],
+                                      tasks[:, :chunk]))
+  stats, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(tasks)))
   return stats
 
 
@@ -75,17 +119,34 @@ def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-def make_forward(model, model_config) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
-  """(params, batch) -> float32 logits [B, L, V]; the mel is made on device when needed."""
+def make_forward(model, model_config, hidden: bool = False
+                 ) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
+  """(params, batch) -> float32 logits [B, L, V] (or, with `hidden`, the final hidden states
+  [B, L, H] before lm_head); the mel is made on device when needed."""
   from moss_jax.model.mel import model_audio_mel
 
   def forward(params, batch):
     mel = model_audio_mel(batch, model_config)
     return model.apply({"params": params}, batch["input_ids"], batch["positions"],
                        batch["segment_ids"], mel, batch["audio_chunk_frames"],
-                       batch["audio_token_index"])
+                       batch["audio_token_index"], method="hidden_states" if hidden else None)
 
   return forward
+
+
+def make_stats_fn(model, model_config, z_loss: float = 0.0
+                  ) -> Callable[[PyTree, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+  """(params, batch) -> token sums (`token_stats`), with lm_head fused into the chunked loss."""
+  forward = make_forward(model, model_config, hidden=True)
+  chunk = int(model_config.get("loss_chunk_size", 512))
+
+  def stats_fn(params, batch):
+    hidden = forward(params, batch)
+    logits_fn = lambda h: model.apply({"params": params}, h, method="logits")
+    return chunked_token_stats(logits_fn, hidden, batch["labels"], batch["task_ids"], z_loss,
+                               chunk)
+
+  return stats_fn
 
 
 # ----------------------------------------------------------------------------- state
@@ -155,15 +216,17 @@ def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
+def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
                     micro_sharding: Any = None) -> Callable:
-  """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+  """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+  `stats_fn(params, batch)` returns the token sums of `token_stats` (make_stats_fn).
+  """
 
   def micro_objective(trainable, frozen, micro):
     params = optim.merge(trainable, jax.lax.stop_gradient(frozen))
-    logits = forward(params, micro)
-    stats = token_stats(logits, micro["labels"], micro["task_ids"], z_loss)
+    stats = stats_fn(params, micro)
     return stats["ce_sum"] + stats["z_loss_sum"], stats
 
   grad_fn = jax.grad(micro_objective, has_aux=True)
@@ -215,12 +278,11 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(forward: Callable, z_loss: float = 0.0) -> Callable:
+def make_eval_step(stats_fn: Callable) -> Callable:
   """`eval_step(params, batch) -> stats` (token sums, per task), forward only."""
 
   def eval_step(params, batch):
-    logits = forward(params, batch)
-    stats = token_stats(logits, batch["labels"], batch["task_ids"], z_loss)
+    stats = stats_fn(params, batch)
     stats.update(batch_stats(batch))
     return stats
 
@@ -370,11 +432,13 @@ def build_program(config, mesh) -> Program:
   micro_sh = None
   if k > 1:
     micro_sh = {name: row_sh for name in shapes}
-  step_fn = make_train_step(forward, optimizer, schedule, grad_accum=k,
-                            z_loss=float(config.optim.z_loss), micro_sharding=micro_sh)
+  z_loss = float(config.optim.z_loss)
+  stats_fn = make_stats_fn(model, config.model, z_loss)
+  step_fn = make_train_step(stats_fn, optimizer, schedule, grad_accum=k, z_loss=z_loss,
+                            micro_sharding=micro_sh)
   with sharding_lib.use_mesh(mesh):
     train_jit = jit_train_step(step_fn, st_sh, batch_sh, mesh, abs_state, abs_batch)
-    eval_fn = make_eval_step(forward, float(config.optim.z_loss))
+    eval_fn = make_eval_step(stats_fn)
     rep = metric_shardings(mesh)
     eval_out = jax.eval_shape(eval_fn, abs_params, abs_batch)
     eval_jit = jax.jit(eval_fn, in_shardings=(p_sh, batch_sh), out_shardings=rep(eval_out))
