@@ -81,9 +81,11 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   # splash on TPU, cudnn on GPU (bf16), blockwise elsewhere; xla is the reference einsum path.
   c.attention = "auto"
   c.attention_block_size = 512  # query/key block of blockwise and splash attention
-  # Tokens per row whose logits exist at once in the loss (lm_head is fused into a chunked
-  # cross-entropy); 0 = all at once, as [B, L, vocab] float32 logits.
-  c.loss_chunk_size = 512
+  # The loss fuses lm_head into a cross-entropy over vocabulary blocks of about loss_vocab_block
+  # columns, so [B, L, vocab] float32 logits never exist; loss_chunk_size > 0 also cuts rows into
+  # token chunks of that many positions (0 = whole rows).
+  c.loss_vocab_block = 16384
+  c.loss_chunk_size = 0
   return c
 
 

@@ -63,6 +63,8 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
     problems.append(f"model.attention={impl!r}: choose one of {attention.IMPLEMENTATIONS}")
   if model.get("attention_block_size", 1) < 1:
     problems.append(f"model.attention_block_size must be positive, got {model.attention_block_size}")
+  if model.get("loss_vocab_block", 1) < 1:
+    problems.append(f"model.loss_vocab_block must be positive, got {model.loss_vocab_block}")
   if model.get("loss_chunk_size", 0) < 0:
     problems.append(f"model.loss_chunk_size must be >= 0 (0 = no chunking), got "
                     f"{model.loss_chunk_size}")

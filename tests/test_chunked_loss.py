@@ -30,18 +30,19 @@ def _reference(hidden, w, labels, tasks, z_loss):
   return ts.token_stats(hidden @ w, labels, tasks, z_loss)
 
 
-def _chunked(hidden, w, labels, tasks, z_loss, chunk):
-  return ts.chunked_token_stats(lambda h: h @ w, hidden, labels, tasks, z_loss, chunk)
+def _chunked(hidden, w, labels, tasks, z_loss, chunk, vocab_block=8):
+  return ts.chunked_token_stats(hidden, w, labels, tasks, z_loss, chunk, vocab_block)
 
 
-@pytest.mark.parametrize("chunk", [0, 1, 4, 13, 64])
+@pytest.mark.parametrize("chunk,vocab_block", [(0, 8), (4, 8), (1, 37), (13, 64), (64, 19)])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_chunked_stats_equal_token_stats(chunk, z_loss):
-  """Chunks of 4 leave a padded tail (13 tokens); 0 and 64 are one chunk; 1 is a chunk a token."""
+def test_chunked_stats_equal_token_stats(chunk, vocab_block, z_loss):
+  """V = 37 is prime: blocks of 8 pad the vocabulary to 40, 19 does too (2 blocks), 37 and 64
+  are one block. Token chunks of 4 leave a padded tail (13 tokens); 1 is a chunk a token."""
   hidden, w, labels, tasks = _problem()
   want = jax.device_get(_reference(hidden, w, labels, tasks, z_loss))
-  got = jax.device_get(jax.jit(_chunked, static_argnums=(4, 5))(hidden, w, labels, tasks,
-                                                                 z_loss, chunk))
+  got = jax.device_get(jax.jit(_chunked, static_argnums=(4, 5, 6))(
+      hidden, w, labels, tasks, z_loss, chunk, vocab_block))
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
@@ -50,13 +51,14 @@ def test_chunked_stats_equal_token_stats(chunk, z_loss):
 
 @pytest.mark.parametrize("chunk", [4, 0])
 def test_chunked_loss_gradients_equal(chunk):
-  """d(ce + z-loss)/d(hidden) and d/d(lm_head weight) through the rematerialised chunk scan."""
+  """d(ce + z-loss + a per-task term)/d(hidden) and d/d(lm_head weight): the custom backward
+  over vocabulary blocks (padded: 37 = 4 x 8 + 5), inside the rematerialised token-chunk scan."""
   hidden, w, labels, tasks = _problem(1)
 
   def objective(fn):
     def f(hidden, w):
       s = fn(hidden, w, labels, tasks, 1e-3)
-      return s["ce_sum"] + s["z_loss_sum"]
+      return s["ce_sum"] + s["z_loss_sum"] + 0.3 * s["task_ce_sum"][2]
     return f
 
   want = jax.grad(objective(_reference), argnums=(0, 1))(hidden, w)
@@ -68,12 +70,14 @@ def test_chunked_loss_gradients_equal(chunk):
 
 @pytest.mark.slow
 def test_program_steps_use_chunked_loss_equal_to_full_logits():
-  """On the tiny model: the eval step's sums (chunked, lm_head fused) equal token_stats of the
-  model's full logits, and the train step's gradients of a 3-chunk loss equal a 1-chunk loss."""
+  """On the tiny model: the eval step's sums (lm_head fused, 3 token chunks x 4 vocabulary
+  blocks) equal token_stats of the model's full logits, and the train step's loss and gradient
+  norm equal those of one chunk and one block."""
   from moss_jax import sharding
   from test_train_helpers import tiny_config
   c = tiny_config(max_tokens=48)
   c.model.loss_chunk_size = 20  # 48 tokens = 2 full chunks + a padded one
+  c.model.loss_vocab_block = 16  # 64 = 4 blocks
   c.optim.z_loss = 1e-3
   prog = ts.build_program(c, sharding.make_mesh(c.mesh))
   state = prog.init_state(jax.random.key(0))
@@ -88,6 +92,7 @@ def test_program_steps_use_chunked_loss_equal_to_full_logits():
 
   whole = tiny_config(max_tokens=48)
   whole.model.loss_chunk_size = 0
+  whole.model.loss_vocab_block = 64
   whole.optim.z_loss = 1e-3
   prog0 = ts.build_program(whole, sharding.make_mesh(whole.mesh))
   _, m_chunked = prog.step(prog.state_from_params(params), batch)

@@ -12,7 +12,8 @@
              one additive bias per row, shared by all heads: 32 MiB a row at 4096 tokens in bf16).
   splash     the Pallas TPU splash-attention kernel with segment ids (`SegmentIds`), GQA as one
              MQA kernel per K/V head, under shard_map over the batch and K/V-head mesh axes.
-             It cannot run on this project's CPU machines: it is traced and lowered only.
+             Off TPU the same kernel runs in Pallas' interpreter (exact but slow: for tests);
+             it has not been run on TPU hardware in this project.
   auto       splash on TPU, cudnn on GPU for bf16/fp16, blockwise otherwise.
 
 Masking rule (all implementations): query i attends to key j when j <= i and both carry the same
@@ -241,7 +242,7 @@ def _cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, scale:
 
 def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float,
                       block_size: int) -> Array:
-  """Pallas splash attention (TPU only; untested on hardware in this project).
+  """Pallas splash attention (compiled for TPU; interpreted elsewhere; not run on TPU hardware).
 
   The kernel works on one example at a time: q [heads, L, D] with k/v [L, D] for MQA. GQA maps
   onto it as one MQA call per K/V head (its G query heads share that K/V head), vmapped over the
@@ -262,7 +263,8 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, scale
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(g)])
-  kernel = splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes)
+  kernel = splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes,
+                                                interpret=jax.default_backend() != "tpu")
 
   def per_device(q, k, v, seg):
     # q [b, Hkv, G, L, D], k/v [b, Hkv, L, D], seg [b, L]
