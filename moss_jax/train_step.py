@@ -350,10 +350,6 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
                     micro_sharding: Any = None) -> Callable:
@@ -398,13 +394,20 @@ def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     lr = schedule(state["step"])
-    directions, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], optim.apply_lr(directions, lr))
+
+    def update(params, opt_state):
+      directions, new_opt = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, optim.apply_lr(directions, lr)), new_opt
+
+    # A cond, not a select between new and old values: the select keeps the old parameters and
+    # moments alive next to the new ones, so XLA copies a state-sized buffer to update in place.
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"],
+                                       state["opt_state"])
     new_state = {
         "step": state["step"] + 1,
-        "params": _select(finite, new_params, state["params"]),
+        "params": new_params,
         "frozen": state["frozen"],
-        "opt_state": _select(finite, new_opt, state["opt_state"]),
+        "opt_state": new_opt,
         "skipped_total": state["skipped_total"] + (~finite).astype(jnp.int32),
         "consecutive_skipped": jnp.where(finite, 0, state["consecutive_skipped"] + 1),
     }
