@@ -352,10 +352,12 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
-                    micro_sharding: Any = None) -> Callable:
+                    micro_sharding: Any = None, clip_norm: float = 0.0) -> Callable:
   """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
   `stats_fn(params, batch)` returns the token sums of `token_stats` (make_stats_fn).
+  `clip_norm` > 0 clips the gradients' global norm here, for an optimizer made with
+  `optim.make_optimizer(..., clip=False)`.
   """
 
   def micro_objective(trainable, frozen, micro, denom):
@@ -394,6 +396,9 @@ def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     lr = schedule(state["step"])
+    if clip_norm > 0:
+      factor = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+      grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
     def update(params, opt_state):
       directions, new_opt = optimizer.update(grads, opt_state, params)
@@ -558,7 +563,8 @@ def build_program(config, mesh) -> Program:
   from moss_jax.model import MossAudioModel
   model = MossAudioModel(config=config.model)
   forward = make_forward(model, config.model)
-  optimizer = optim.make_optimizer(config.optim)
+  # The step clips with the gradient norm it computes anyway (see make_optimizer).
+  optimizer = optim.make_optimizer(config.optim, clip=False)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   stage = config.train.stage
 
@@ -578,7 +584,7 @@ def build_program(config, mesh) -> Program:
   z_loss = float(config.optim.z_loss)
   stats_fn = make_stats_fn(model, config.model, z_loss)
   step_fn = make_train_step(stats_fn, optimizer, schedule, grad_accum=k, z_loss=z_loss,
-                            micro_sharding=micro_sh)
+                            micro_sharding=micro_sh, clip_norm=float(config.optim.clip_norm))
   with sharding_lib.use_mesh(mesh):
     train_jit = jit_train_step(step_fn, st_sh, batch_sh, mesh, abs_state, abs_batch)
     eval_fn = make_eval_step(stats_fn)
