@@ -26,11 +26,15 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from moss_jax import cli
+from moss_jax import cli, config_validation, sharding
+from moss_jax import train_step as ts
 from moss_jax.errors import UserError
+from moss_jax.model import attention
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:8b.",
                                           lock_config=False)
@@ -87,8 +91,6 @@ def gib(n: float) -> str:
 
 def _per_device_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
-  import jax
-  import numpy as np
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -98,11 +100,6 @@ def _per_device_bytes(tree: Any) -> int:
 
 def plan_once(config, device_memory: int) -> dict[str, Any]:
   """Compiles config's train step on config.mesh over the visible devices; per-device bytes."""
-  import jax
-  from moss_jax import sharding
-  from moss_jax import train_step as ts
-  from moss_jax.model import attention
-
   mesh = sharding.make_mesh(config.mesh)
   start = time.perf_counter()
   prog = ts.build_program(config, mesh)
@@ -187,10 +184,10 @@ def _reexec_with_devices(devices: int) -> None:
   """Runs this command again in a fresh interpreter with N forced CPU devices.
 
   XLA reads --xla_force_host_platform_device_count from XLA_FLAGS, and JAX its platform list from
-  JAX_PLATFORMS, once, before the first backend starts; --devices is known only after absl has
-  parsed the flags, and by then anything imported on the way (a config file, a library) may have
-  imported JAX or started a backend with the device count of the shell's environment. A child
-  process whose environment carries both from its start is the one way that always holds.
+  JAX_PLATFORMS (at import), before the first backend starts; --devices is known only after absl
+  has parsed the flags, when this module has already imported JAX and a config file or library
+  may have started a backend with the shell's device count. A child process whose environment
+  carries both from its start is the one way that always holds.
   """
   flags_env = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                      os.environ.get("XLA_FLAGS", ""))
@@ -211,9 +208,6 @@ def main(argv: Sequence[str]) -> int:
   device_memory = parse_bytes(_DEVICE_MEMORY.value)
   if os.environ.get(_CHILD_ENV) != str(devices):
     _reexec_with_devices(devices)
-
-  import jax
-  from moss_jax import config_validation
 
   if jax.device_count() != devices:
     raise UserError(f"asked for {devices} devices but JAX sees {jax.device_count()} "

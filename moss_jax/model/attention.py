@@ -249,7 +249,9 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, scale
   batch and the K/V heads. A Pallas kernel is not partitioned by GSPMD, so under a mesh the call
   runs inside shard_map over the mesh axes that the logical rules give the batch and K/V heads.
   """
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only module
+  # Imported here, not at the top: Pallas' TPU ops are only needed (and only worth loading) when
+  # splash attention is chosen.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   b, length, hq, d = q.shape
   hkv = k.shape[2]
