@@ -78,6 +78,12 @@ def segment_causal_attention(q: Array, k: Array, v: Array, segment_ids: Array, *
                                block_q=block_size, block_k=block_size)
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, segment_ids, scale=scale)
+  if check_splash_lengths(q.shape[1], block_size):
+    # The kernel tiles by multiples of 128 tokens; other lengths (the 8-token trace that builds
+    # the parameters, say) take the blockwise path, which computes the same function. Config
+    # validation rejects training lengths splash cannot take.
+    return blockwise_attention(q, k, v, segment_ids, segment_ids, scale=scale, causal=True,
+                               block_q=block_size, block_k=block_size)
   return _splash_attention(q, k, v, segment_ids, scale=scale, block_size=block_size)
 
 
