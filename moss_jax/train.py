@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Iterator, Mapping
@@ -109,12 +108,12 @@ def global_bad_record_counts(local: Mapping[str, int]) -> dict[str, int]:
 # ----------------------------------------------------------------------------- set-up
 
 def write_config(config, workdir: str) -> None:
-  """The resolved config (after overrides) as JSON and as its readable repr."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.txt"), "w", encoding="utf-8") as f:
-    f.write(str(config))
+  """The resolved config (after overrides) as JSON and as its readable repr (workdir may be gs://)."""
+  from moss_jax import paths
+  root = paths.run_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  (root / "config.txt").write_text(str(config))
 
 
 def check_tokenizer(config) -> None:
@@ -186,10 +185,11 @@ class Run:
 
   def __init__(self, config, workdir: str):
     import jax
-    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, sharding
+    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, paths
+    from moss_jax import sharding
     from moss_jax import train_step as ts
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.run_path(workdir)  # absolute when local; gs://... kept as it is
     self.is_main = jax.process_index() == 0
     config_validation.validate(config, jax.device_count(), jax.process_count())
     check_tokenizer(config)
@@ -202,7 +202,7 @@ class Run:
     self.program = ts.build_program(config, self.mesh)
     self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
     self.checkpointer = checkpoint.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
+        self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
     self.stop = distributed.StopSignal()
     self.flops_per_step = flops.config_step_flops(config)
@@ -347,14 +347,13 @@ class Run:
         f"{self.checkpointer.directory}.")
 
   def _first_loss_from_log(self) -> float | None:
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = self.workdir / "metrics.jsonl"
+    if not path.exists():
       return None
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get("split") == "train_first":
-          return float(rec["loss"])
+    for line in path.read_text().splitlines():
+      rec = json.loads(line)
+      if rec.get("split") == "train_first":
+        return float(rec["loss"])
     return None
 
   def _final_report(self, result: dict[str, Any]) -> None:
@@ -376,9 +375,9 @@ class Run:
     for line in lines:
       self.writer.console(line)
     if self.is_main:
-      with open(os.path.join(self.workdir, "result.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in result.items() if k != "eval"} | {
-            "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, f, indent=2)
+      (self.workdir / "result.json").write_text(json.dumps(
+          {k: v for k, v in result.items() if k != "eval"} | {
+              "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, indent=2))
 
   def close(self) -> None:
     self.checkpointer.close()
