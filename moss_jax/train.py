@@ -26,6 +26,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: join the other processes when flags or a detected cluster (TPU VM, GKE, SLURM, MPI) "
+    "say there are several; on: always join; off: run as a single process.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process at start-up.")
 
 EXIT_PREEMPTED = 0  # a SIGTERM stop is a clean exit: the scheduler restarts the same command
 
@@ -403,11 +409,12 @@ def main(argv) -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
   from moss_jax import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from moss_jax.config_validation import ConfigError
+  from moss_jax.errors import UserError
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           mode=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, TrainingDiverged) as e:
+  except (UserError, TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
