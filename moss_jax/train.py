@@ -191,8 +191,8 @@ class Run:
 
   def __init__(self, config, workdir: str):
     import jax
-    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, paths
-    from moss_jax import sharding
+    from moss_jax import checkpoint, config_validation, diagnostics, distributed, flops, metrics
+    from moss_jax import paths, sharding
     from moss_jax import train_step as ts
     self.config = config
     self.workdir = paths.run_path(workdir)  # absolute when local; gs://... kept as it is
@@ -201,16 +201,26 @@ class Run:
     check_tokenizer(config)
     if self.is_main:
       write_config(config, self.workdir)
+    train = config.train
+    self.cache_dir = diagnostics.setup_compilation_cache(train.get("compilation_cache_dir", ""),
+                                                         self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
     self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
                         f"{jax.process_count()} process(es); stage {config.train.stage}")
     self.program = ts.build_program(config, self.mesh)
-    self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
+    # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
+    # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
+    self.loader = ts.DevicePrefetch(ShardedLoader(config, jax.process_index(), jax.process_count()),
+                                    self.program.global_batch, train.get("prefetch_to_device", 2))
     self.checkpointer = checkpoint.Checkpointer(
         self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
     self.stop = distributed.StopSignal()
+    self.profiler = diagnostics.StepProfiler(self.workdir, train.get("profile_start", 10),
+                                             train.get("profile_steps", 0))
+    self.watchdog = diagnostics.Watchdog(train.get("watchdog_factor", 10.0),
+                                         train.get("watchdog_min_seconds", 60.0))
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.get("peak_flops_per_device", 0.0))
     self.state = None
@@ -309,9 +319,11 @@ class Run:
     last_summary: dict[str, float] = {}
     preempted = False
     while step < cfg.steps:
-      batch = self.program.global_batch(next(self.loader))
+      batch = next(self.loader)
+      self.profiler.before_step(step + 1)
       self.state, m = self.program.step(self.state, batch)
       step += 1
+      self.profiler.after_step(step, m)
       acc.add(m)
       if step == start_step + 1 and start_step == 0:
         self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
@@ -324,8 +336,10 @@ class Run:
       self.save(step)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         t_eval = time.perf_counter()
-        self.evaluate(step)
+        with self.watchdog.paused():
+          self.evaluate(step)
         acc.exclude(time.perf_counter() - t_eval)
+      self.watchdog.beat(step)
       if self.stop.should_stop(step):
         preempted = True
         break
@@ -386,6 +400,8 @@ class Run:
               "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, indent=2))
 
   def close(self) -> None:
+    self.profiler.close()
+    self.watchdog.close()
     self.checkpointer.close()
     self.loader.close()
     self.writer.close()

@@ -81,7 +81,9 @@ def gcs(tmp_path_factory):
   env = emulator_env(port)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
+  fsspec.config.set_conf_env(fsspec.config.conf)  # FSSPEC_GCS_TOKEN (read at import otherwise)
   yield env
+  fsspec.config.conf.get("gcs", {}).pop("token", None)
   for k, v in saved.items():
     if v is None:
       os.environ.pop(k, None)
@@ -138,9 +140,12 @@ def _events(data: bytes) -> list:
 def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
   from etils import epath
   from moss_jax import checkpoint
-  steps = 8
-  cfg = write_run_config(tmp_path, train__steps=steps, train__checkpoint_every=2)
-  env = train_env(str(tmp_path / "jax_cache"), **gcs)
+  steps = 10
+  # The last step is profiled; the compilation cache defaults to the bucket (WORKDIR/...).
+  cfg = write_run_config(tmp_path, train__steps=steps, train__checkpoint_every=2,
+                         train__profile_start=steps, train__profile_steps=1)
+  env = train_env("", **gcs)
+  del env["JAX_COMPILATION_CACHE_DIR"]
   workdir = f"gs://{BUCKET}/run"
   ckpts = f"{workdir}/checkpoints"
   cwd = tmp_path / "cwd"  # a wrong local "gs:" directory would appear here
@@ -180,4 +185,7 @@ def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
   assert len(event_files) == 2, event_files  # one per run
   tags = {v.tag for f in event_files for e in _events(f.read_bytes()) for v in e.summary.value}
   assert "train/loss" in tags, tags
+  assert list((root / "compilation_cache").iterdir()), "no compilation cache in the bucket"
+  traces = list((root / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert traces, "no profile trace in the bucket"
   assert not list(cwd.iterdir()), "the run wrote into the local directory"
