@@ -100,7 +100,21 @@ def resolve(mode: str = "auto", coordinator_address: str = "", num_processes: in
       None, None, None, None, name, timeout_s)
   if mode == "auto" and (count or 1) <= 1:
     return None  # a single-host TPU VM or a 1-task allocation: nothing to join
+  if local_ids and _tasks_per_node() == 1:
+    # JAX assumes one process per GPU under SLURM / MPI and would hide all but one GPU; with one
+    # task per node (launch/slurm.sbatch) the process drives all of the node's devices.
+    local_ids = None
   return Cluster(name, address, int(count), int(pid), list(local_ids) if local_ids else None)
+
+
+def _tasks_per_node() -> int | None:
+  """Processes per node as SLURM or Open MPI report it (None when unknown)."""
+  for var in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+    value = os.environ.get(var, "")
+    digits = value.split("(")[0].split(",")[0]  # SLURM_TASKS_PER_NODE looks like "8(x4)"
+    if digits.isdigit():
+      return int(digits)
+  return None
 
 
 def _rendezvous_address(cluster: Cluster) -> tuple[str, int]:

@@ -117,9 +117,14 @@ def test_append_file_on_a_bucket_keeps_earlier_records(gcs):
   assert epath.Path(target).read_text() == "1\n2\n3\n"
 
 
+def _drop_listing_cache() -> None:
+  """Forgets gcsfs's cached listings: another process writes the bucket."""
+  from etils.epath import backend
+  backend.fsspec_backend.fs(f"gs://{BUCKET}").invalidate_cache()
+
+
 def _fresh(read):
-  """`read()` after dropping gcsfs's cached listings (another process writes the bucket)."""
-  fsspec.filesystem("gs").invalidate_cache()
+  _drop_listing_cache()
   return read()
 
 
@@ -172,7 +177,7 @@ def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
   assert f"resumed from step {max(saved)}" in resumed.stdout, resumed.stdout[-2000:]
   assert _fresh(lambda: checkpoint.complete_steps(ckpts))[-1] == steps
 
-  fsspec.filesystem("gs").invalidate_cache()
+  _drop_listing_cache()
   root = epath.Path(workdir)
   config = json.loads((root / "config.json").read_text())
   assert config["train"]["steps"] == steps
