@@ -44,8 +44,9 @@ def model_config(name: str):
 
 def run_variant(prog, state, config, prefetch: int, steps: int):
   """(state, mean seconds per step over `steps` steps after 2 warm-up steps)."""
-  from moss_jax import train, train_step as ts
-  loader = ts.DevicePrefetch(train.ShardedLoader(config, 0, 1), prog.global_batch, prefetch)
+  from data_pipelines.loader import ShardedLoader
+  from moss_jax import train_step as ts
+  loader = ts.DevicePrefetch(ShardedLoader(config, 0, 1), prog.global_batch, prefetch)
   pending = None
   try:
     for i in range(steps + 2):

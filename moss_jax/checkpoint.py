@@ -25,7 +25,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
+from moss_jax import optim
 from moss_jax import paths
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -44,7 +46,8 @@ class DataStateHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
     """{"processes": [state of process 0, 1, ...]}: every process's file, so a run may resume
-    on another process count when its loader can redistribute the states (train.ShardedLoader)."""
+    on another process count when its loader can redistribute the states
+    (data_pipelines/loader.py ShardedLoader)."""
     files = sorted(directory.glob("process_*-of-*.json"),
                    key=lambda p: int(p.name.split("_")[1].split("-")[0]))
     if not files:
@@ -111,7 +114,6 @@ def quarantine_incomplete(directory: str | os.PathLike) -> list[str]:
                         path, target)
         moved.append(str(target))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("moss_jax_checkpoint_quarantine")
   return moved
 
@@ -129,7 +131,8 @@ class Restored:
 class Checkpointer:
   """Saves every `every` steps (asynchronously), keeps the last `keep`, restores the latest."""
 
-  def __init__(self, directory: str | os.PathLike, every: int, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, every: int, keep: int = 3,
+               async_save: bool = True):
     self.directory = paths.run_path(directory)  # local or gs://
     self.every = int(every)
     quarantine_incomplete(self.directory)
@@ -142,10 +145,6 @@ class Checkpointer:
         self.directory, options=options, item_names=(STATE, DATA, CONFIG),
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStateHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})
-
-  def latest_step(self) -> int | None:
-    steps = complete_steps(self.directory)
-    return steps[-1] if steps else None
 
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step > 0 and step % self.every == 0
@@ -203,8 +202,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   For moving between stages (stage 1 -> stage 2): the saved split may differ from the new one,
   so both halves are read without the optimizer state and placed as `abstract_params` says.
   """
-  from moss_jax import optim
-  directory = paths.run_path(directory)
+  directory = paths.run_path(directory)  # local or gs://
   steps = complete_steps(directory)
   if step is None:
     if not steps:
@@ -231,6 +229,5 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
 
 
 def _shardings_by_path(abstract_params: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  from moss_jax import optim
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params)
   return {optim.path_str(p): leaf for p, leaf in flat}

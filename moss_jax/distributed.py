@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from moss_jax.errors import UserError
 
@@ -228,12 +229,6 @@ class StopSignal:
     logging.warning("received signal %d: checkpointing and stopping", signum)
     self._event.set()
 
-  def set(self) -> None:
-    self._event.set()
-
-  def local(self) -> bool:
-    return self._event.is_set()
-
   def should_stop(self, step: int, every: int = 10) -> bool:
     """Whether any process received the signal.
 
@@ -246,7 +241,6 @@ class StopSignal:
       return flag
     if step % every:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array([flag], np.int32))
     return bool(np.any(flags))
 

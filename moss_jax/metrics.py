@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from moss_jax import batch as batch_lib
@@ -59,7 +60,6 @@ class Accumulator:
 
   def summary(self, tasks: Sequence[str] = batch_lib.TASKS) -> dict[str, float]:
     """Token-weighted losses, accuracy, per-task losses and throughput; resets the interval."""
-    import jax
     host = jax.device_get(self._pending)
     elapsed = time.perf_counter() - self._t0
     n = len(host)
@@ -137,7 +137,8 @@ class MetricWriter:
       return
     self._jsonl = paths.AppendFile(paths.run_path(workdir) / "metrics.jsonl")
     if tensorboard:
-      from tensorboardX import SummaryWriter
+      # Imported here: only process 0 writes event files, and tensorboardX loads protobuf.
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       paths.register_tensorboard_schemes()
       self._tb = SummaryWriter(logdir=paths.join(workdir, "tensorboard"))
 
