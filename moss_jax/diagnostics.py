@@ -23,7 +23,6 @@ import traceback
 
 import jax
 from absl import logging
-from etils import epath
 
 from moss_jax import paths
 
@@ -85,17 +84,8 @@ class StepProfiler:
     jax.profiler.stop_trace()
     self._active = False
     if self._local_dir is not None:
-      _copy_tree(self._local_dir, self.logdir)
+      paths.copy_tree(self._local_dir, self.logdir)
       self._local_dir = None
-
-
-def _copy_tree(local_dir: str, target: epath.Path) -> None:
-  for root, _, files in os.walk(local_dir):
-    rel = os.path.relpath(root, local_dir)
-    dest = target if rel == "." else target / rel
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (dest / name).write_bytes(open(os.path.join(root, name), "rb").read())
 
 
 def thread_stacks() -> str:

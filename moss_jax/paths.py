@@ -44,6 +44,18 @@ def join(path: str | os.PathLike, *parts: str) -> str:
   return os.fspath(run_path(path).joinpath(*parts))
 
 
+def copy_tree(local_dir: str | os.PathLike, target: str | os.PathLike) -> None:
+  """Copies a local directory's files into `target` (a local path or a bucket URI)."""
+  target = run_path(target)
+  for root, _, files in os.walk(local_dir):
+    rel = os.path.relpath(root, local_dir)
+    dest = target if rel == "." else target / rel
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        (dest / name).write_bytes(f.read())
+
+
 class AppendFile:
   """Text appended to a file, on local disks and object stores.
 

@@ -194,3 +194,27 @@ def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
   traces = list((root / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert traces, "no profile trace in the bucket"
   assert not list(cwd.iterdir()), "the run wrote into the local directory"
+
+
+def test_export_into_a_bucket_matches_a_local_export(gcs, tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from etils import epath
+  from moss_jax import hf
+  from moss_jax.model import MossAudioModel, init_params
+  from test_train_helpers import tiny_config
+  config = tiny_config().model
+  model = MossAudioModel(config=config)
+  params = init_params(config, jax.random.key(0))
+  local = tmp_path / "export"
+  files = hf.save_pretrained(str(local), model, params, dtype=jnp.float32, max_shard_size="60KB")
+  target = f"gs://{BUCKET}/export"
+  stale = epath.Path(target) / "model-00001-of-00009.safetensors"  # from an earlier export
+  stale.parent.mkdir(parents=True, exist_ok=True)
+  stale.write_bytes(b"old")
+  assert hf.save_pretrained(target, model, params, dtype=jnp.float32,
+                            max_shard_size="60KB") == files
+  _drop_listing_cache()
+  got = {p.name: p.read_bytes() for p in epath.Path(target).iterdir()}
+  want = {p.name: p.read_bytes() for p in local.iterdir()}
+  assert got == want  # the same files, byte for byte; the stale shard is gone
