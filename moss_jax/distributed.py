@@ -132,7 +132,12 @@ def rendezvous(cluster: Cluster, timeout_s: float) -> None:
   where = f"the coordinator {host}:{port} (process 0; source: {cluster.source})"
   if me == 0:
     joined: dict[int, socket.socket] = {}
-    with socket.create_server(("", port), reuse_port=False) as server:
+    try:
+      server = socket.create_server(("", port))
+    except OSError as e:
+      raise StartupError(f"process 0 cannot listen on rendezvous port {port} ({e}); set "
+                         f"{ENV_RENDEZVOUS_PORT} to a free port on every process") from None
+    with server:
       while len(joined) < n - 1 and time.monotonic() < deadline:
         server.settimeout(max(0.1, min(1.0, deadline - time.monotonic())))
         try:
