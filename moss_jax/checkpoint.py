@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from moss_jax import optim
+from moss_jax import optim, paths
 from moss_jax.errors import UserError
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -243,7 +243,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.PathLike, every: int, keep: int = 3,
                async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = paths.run_path(directory)  # local or gs://
     self.every = int(every)
     self._pending: int | None = None  # the step whose background write is not yet checked
     self._failed = False  # a SaveFailed was raised: close() must not raise it again
@@ -380,7 +380,7 @@ def restore_params(directory: str | epath.PathLike, abstract_params: Any,
   (`restore_newest`); raises NoCheckpoint when there is none, CheckpointMismatch when the
   checkpoint holds another model.
   """
-  directory = epath.Path(directory)
+  directory = paths.run_path(directory)  # local or gs://
   target = {optim.path_str(p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)

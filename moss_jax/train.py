@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from typing import Any
 
@@ -22,8 +21,8 @@ from ml_collections import config_flags
 
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
-from moss_jax import checkpoint, cli, config_validation, distributed, evaluate, flops, hf, metrics
-from moss_jax import progress, sharding, workdir_lock
+from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
+from moss_jax import flops, hf, metrics, paths, progress, sharding, workdir_lock
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -35,6 +34,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: join the other processes when flags or a detected cluster (TPU VM, GKE, SLURM, MPI) "
+    "say there are several; on: always join; off: run as a single process.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process at start-up.")
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -44,12 +49,11 @@ class TrainingDiverged(UserError, RuntimeError):
 # ----------------------------------------------------------------------------- set-up
 
 def write_config(config, workdir: str) -> None:
-  """The resolved config (after overrides) as JSON and as its readable repr."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.txt"), "w", encoding="utf-8") as f:
-    f.write(str(config))
+  """The resolved config (after overrides) as JSON and as its readable repr (workdir may be gs://)."""
+  root = paths.run_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  (root / "config.txt").write_text(str(config))
 
 
 def check_tokenizer(config) -> None:
@@ -111,11 +115,12 @@ class Run:
 
   def __init__(self, config, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.run_path(workdir)  # absolute when local; gs://... kept as it is
     self.is_main = jax.process_index() == 0
     # Until the loop starts there is nothing to save: a stop signal ends set-up at once.
     self.stop = distributed.StopSignal(interruptible=True)
     self.lock = self.writer = self.loader = self.checkpointer = None
+    self.profiler = self.watchdog = None
     try:
       self._set_up(config)
     except BaseException:
@@ -127,20 +132,34 @@ class Run:
   def _set_up(self, config) -> None:
     config_validation.validate(config, jax.device_count(), jax.process_count())
     check_tokenizer(config)
-    # Taken before anything in the workdir is written: a second run on it refuses here.
+    # Taken before anything in the workdir is written: a second run on it refuses here. The
+    # config is written once a resume has checked it against the checkpoint (restore_or_init).
     self.lock = workdir_lock.WorkdirLock(self.workdir) if self.is_main else None
+    train = config.train
+    self.cache_dir = diagnostics.setup_compilation_cache(train.get("compilation_cache_dir", ""),
+                                                         self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
     self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
                         f"{jax.process_count()} process(es); stage {config.train.stage}")
     self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
-    # The first batch before minutes of compiling: a run whose every record is rejected stops
-    # now with the reason (errors.NoUsableRecords). A resume discards it (set_state rewinds).
-    self._first_batch = next(self.loader)
+    # One batch before minutes of compiling: a run whose every record is rejected stops now
+    # with the reason (errors.NoUsableRecords). Then the loader is rewound to where it was.
+    start = self.loader.get_state()
+    next(self.loader)
+    self.loader.set_state([start])
     self.program = ts.build_program(config, self.mesh)
+    # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
+    # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
+    self.loader = ts.DevicePrefetch(self.loader, self.program.global_batch,
+                                    train.get("prefetch_to_device", 2))
     self.checkpointer = checkpoint.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
+        self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
+    self.profiler = diagnostics.StepProfiler(self.workdir, train.get("profile_start", 10),
+                                             train.get("profile_steps", 0))
+    self.watchdog = diagnostics.Watchdog(train.get("watchdog_factor", 10.0),
+                                         train.get("watchdog_min_seconds", 60.0))
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.peak_flops_per_device)
 
@@ -157,7 +176,6 @@ class Run:
           apply_data_state=lambda data: self.loader.set_state(data["processes"]))
     if restored is not None:
       self.state = restored.state
-      self._first_batch = None  # set_state rewound the loader to the checkpoint's position
       self.writer.console(f"resumed from step {restored.step} ({self.checkpointer.directory})")
       self.writer.truncate_after(restored.step)  # rows of the steps about to be redone
     else:
@@ -173,19 +191,9 @@ class Run:
                         f"{self.peak / 1e9:.1f} GFLOP/s ({self.peak_source})")
     return int(self.state["step"])
 
-  def save(self, step: int, force: bool = False, data_state=None) -> bool:
-    """`data_state`: the loader state that goes with `self.state` when the loader itself was
-    interrupted mid-batch (its current state would skip that batch)."""
-    if data_state is None:
-      data_state = self.loader.get_state()
-    return self.checkpointer.save(step, self.state, data_state, self.config.to_dict(),
+  def save(self, step: int, force: bool = False) -> bool:
+    return self.checkpointer.save(step, self.state, self.loader.get_state(), self.config.to_dict(),
                                   force=force)
-
-  def _next_batch(self):
-    if self._first_batch is not None:
-      batch, self._first_batch = self._first_batch, None
-      return batch
-    return next(self.loader)
 
   # -- logging
 
@@ -248,24 +256,23 @@ class Run:
     last_summary: dict[str, float] = {}
     preempted = False
     # From here a signal normally waits for the end of the step, which is then checkpointed.
-    # Waits without bound are cut short (see StopSignal); with several processes they are not,
-    # since all processes must reach the same step to save together.
+    # Waits without bound are cut short (see StopSignal): for data (the loader's state is that of
+    # the batches handed out, so the checkpoint stays exact) and for evaluation. With several
+    # processes they are not, since all processes must reach the same step to save together.
     self.stop.set_interruptible(False)
-    single = jax.process_count() == 1
-    cut_short = self.stop.interruptible if single else contextlib.nullcontext
-    data_state = None  # the loader state before the batch being read, while it is read
+    cut_short = (self.stop.interruptible if jax.process_count() == 1 else
+                 contextlib.nullcontext)
     try:
       while step < cfg.steps:
-        data_state = self.loader.get_state() if single else None
         with cut_short():
-          host_batch = self._next_batch()
-        data_state = None
-        batch = self.program.global_batch(host_batch)
+          batch = next(self.loader)  # already on the devices (DevicePrefetch)
+        self.profiler.before_step(step + 1)
         # The first step compiles (minutes on large models) and may be cut short too: the state
         # before it is the checkpoint just restored (or step 0), so nothing is lost.
         with (cut_short() if step == start_step else contextlib.nullcontext()):
           self.state, m = self.program.step(self.state, batch)
         step += 1
+        self.profiler.after_step(step, m)
         acc.add(m)
         if step == start_step + 1 and start_step == 0:
           self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
@@ -279,9 +286,10 @@ class Run:
         self.save(step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
           t_eval = time.perf_counter()
-          with cut_short():
+          with self.watchdog.paused(), cut_short():
             self.evaluate(step)
           acc.exclude(time.perf_counter() - t_eval)
+        self.watchdog.beat(step)
         if self.stop.should_stop(step):
           preempted = True
           break
@@ -293,7 +301,7 @@ class Run:
       return {"step": step, "preempted": True, "last": last_summary, "first_loss": None}
     if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
       self._diverged(step, pending)
-    self.save(step, force=True, data_state=data_state)
+    self.save(step, force=True)
     self.checkpointer.wait()
     result = {"step": step, "preempted": preempted, "last": last_summary,
               "first_loss": self.first_loss or self._first_loss_from_log()}
@@ -311,6 +319,10 @@ class Run:
         return result
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
+      if cfg.get("export_at_end", False) and self.is_main:
+        r = export.export_run(str(self.workdir), str(self.workdir / "hf"), step=step,
+                              overwrite=True)
+        self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
 
   def _diverged(self, step: int, m) -> None:
@@ -322,14 +334,13 @@ class Run:
         f"{self.checkpointer.directory}.")
 
   def _first_loss_from_log(self) -> float | None:
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = self.workdir / "metrics.jsonl"
+    if not path.exists():
       return None
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get("split") == "train_first":
-          return float(rec["loss"])
+    for line in path.read_text().splitlines():
+      rec = json.loads(line)
+      if rec.get("split") == "train_first":
+        return float(rec["loss"])
     return None
 
   def _final_report(self, result: dict[str, Any]) -> None:
@@ -351,20 +362,20 @@ class Run:
     for line in lines:
       self.writer.console(line)
     if self.is_main:
-      with open(os.path.join(self.workdir, "result.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in result.items() if k != "eval"} | {
-            "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, f, indent=2)
+      (self.workdir / "result.json").write_text(json.dumps(
+          {k: v for k, v in result.items() if k != "eval"} | {
+              "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, indent=2))
 
   def close(self) -> None:
     """Releases what set-up got to (it may have stopped part way)."""
     try:
-      if self.checkpointer is not None:
-        self.checkpointer.close()
+      for part in (self.profiler, self.watchdog, self.checkpointer):
+        if part is not None:
+          part.close()
     finally:
-      if self.loader is not None:
-        self.loader.close()
-      if self.writer is not None:
-        self.writer.close()
+      for part in (self.loader, self.writer):
+        if part is not None:
+          part.close()
       if self.lock is not None:
         self.lock.release()
       self.stop.restore()
@@ -387,7 +398,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 def main(argv) -> None:
   del argv  # cli.run rejects stray arguments
   cli.require("config", "workdir")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
