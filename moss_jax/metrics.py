@@ -177,9 +177,12 @@ class MetricWriter:
         continue  # a line cut short by the kill
       kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
-      tmp = path.parent / (path.name + ".tmp")  # whole-file replace: no half-written file
-      tmp.write_text("".join(kept))
-      tmp.rename(path)
+      if paths.is_uri(path):
+        path.write_text("".join(kept))  # an object is replaced whole anyway
+      else:
+        tmp = path.parent / (path.name + ".tmp")  # no half-written file if killed now
+        tmp.write_text("".join(kept))
+        tmp.rename(path)
     self._jsonl = paths.AppendFile(path)
 
   def close(self) -> None:
