@@ -1,0 +1,177 @@
+"""Decoding with the KV cache against full recomputation, batching, sampling, reference parity,
+transcript formats and the `python -m moss_jax.generate` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import templates
+from data_pipelines.manifest import Segment
+from moss_jax import generate
+from moss_jax import sharding
+from moss_jax import train_step as ts
+from moss_jax.model import MossAudioModel, init_params
+from moss_jax.model.mel import model_audio_mel
+from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
+                                write_run_config)
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+NEW = 32
+NO_STOP = (-1,)
+PAD = 0
+
+
+def _prompts(config, rows: int, seed: int = 11):
+  """Row r: the first segment of a synthetic batch row (audio + prompt), shortened by 3r tokens."""
+  batch = ts.synthetic_batch(config, seed=seed, batch_size=rows)
+  first = batch["segment_ids"] == 1
+  for name in ("input_ids", "positions", "segment_ids", "task_ids"):
+    batch[name] = np.where(first, batch[name], 0).astype(np.int32)
+  batch["audio_token_index"] = np.where(first, batch["audio_token_index"], -1).astype(np.int32)
+  batch["labels"][:] = -100
+  for r in range(rows):
+    n = int(first[r].sum()) - 3 * r
+    for name in ("input_ids", "positions", "segment_ids"):
+      batch[name][r, n:] = 0
+    batch["audio_token_index"][r, n:] = -1
+  return batch
+
+
+def _full_recompute(model, params, batch, config, new: int, stop=NO_STOP):
+  """Token by token, alone: the whole model on the growing sequence, argmax at the last token."""
+  fwd = jax.jit(lambda p, row: model.apply(
+      {"params": p}, row["input_ids"], row["positions"], row["segment_ids"],
+      model_audio_mel(row, config.model), row["audio_chunk_frames"], row["audio_token_index"]))
+  out = []
+  for r in range(batch["input_ids"].shape[0]):
+    n = int((batch["segment_ids"][r] > 0).sum())
+    row = {k: v[r:r + 1].copy() for k, v in batch.items() if k not in ("labels", "task_ids")}
+    for name in ("input_ids", "positions", "segment_ids", "audio_token_index"):
+      extra = np.full((1, new), -1 if name == "audio_token_index" else 0, np.int32)
+      row[name] = np.concatenate([row[name][:, :n], extra], axis=1)
+    got = []
+    for _ in range(new):
+      tok = int(jnp.argmax(fwd(params, row)[0, n - 1]))
+      got.append(tok)
+      if tok in stop:
+        break
+      row["input_ids"][0, n], row["segment_ids"][0, n], row["positions"][0, n] = tok, 1, n
+      n += 1
+    out.append(got)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = tiny_config(max_tokens=80)
+  model = MossAudioModel(config=config.model)
+  # Weights 4x the init scale: the greedy stream then varies instead of repeating one token.
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x,
+                        init_params(config.model, jax.random.key(5)))
+  return config, model, params
+
+
+def _rows(tokens, stop=NO_STOP):
+  return [generate.strip(r, stop) + [int(t) for t in r if int(t) in stop][:1] for r in tokens]
+
+
+def test_cached_greedy_equals_full_recompute_token_for_token(tiny):
+  config, model, params = tiny
+  assert config.model.dtype == "float32"
+  batch = _prompts(config, rows=3)
+  got = generate.generate(model, params, batch, max_new_tokens=NEW, stop_ids=NO_STOP, pad_id=PAD)
+  assert got.shape == (3, NEW)
+  want = _full_recompute(model, params, batch, config, NEW)
+  assert got.tolist() == want
+  assert all(len(set(w)) > 3 for w in want), want  # not a degenerate constant stream
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_batch_of_different_lengths_gives_each_prompt_its_own_tokens(tiny, use_mesh):
+  config, model, params = tiny
+  batch = _prompts(config, rows=3, seed=4)
+  lengths = generate.prompt_lengths(batch)
+  assert len(set(lengths.tolist())) == 3
+  mesh = sharding.make_mesh(config.mesh) if use_mesh else None
+  if mesh is not None:
+    params = jax.device_put(params, sharding.param_shardings(config.model, mesh))
+  stop = (int(_full_recompute(model, params, {k: v[:1] for k, v in batch.items()}, config,
+                              6)[0][5]),)  # row 0's 6th token stops it; the others may run on
+  together = generate.generate(model, params, batch, max_new_tokens=12, stop_ids=stop,
+                               pad_id=PAD, mesh=mesh)
+  for r in range(3):
+    alone = generate.generate(model, params, {k: v[r:r + 1] for k, v in batch.items()},
+                              max_new_tokens=12, stop_ids=stop, pad_id=PAD)
+    np.testing.assert_array_equal(together[r], alone[0])
+  # Row 0 stopped at its 6th token: the stop token is kept, then padding.
+  assert together[0, 5] == stop[0] and (together[0, 6:] == PAD).all()
+  assert generate.strip(together[0], stop) == together[0, :5].tolist()
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
+  config, model, params = tiny
+  batch = _prompts(config, rows=2, seed=7)
+  kw = dict(max_new_tokens=16, stop_ids=NO_STOP, pad_id=PAD)
+  greedy = generate.generate(model, params, batch, **kw)
+  hot = generate.Sampling(temperature=1.5, top_k=0, top_p=1.0)
+  a = generate.generate(model, params, batch, sampling=hot, seed=3, **kw)
+  b = generate.generate(model, params, batch, sampling=hot, seed=3, **kw)
+  c = generate.generate(model, params, batch, sampling=hot, seed=4, **kw)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any() and (a != greedy).any()
+  top1 = generate.generate(model, params, batch, seed=9,
+                           sampling=generate.Sampling(temperature=1.0, top_k=1), **kw)
+  np.testing.assert_array_equal(top1, greedy)
+  tiny_p = generate.generate(model, params, batch, seed=9,
+                             sampling=generate.Sampling(temperature=1.0, top_k=0, top_p=1e-6), **kw)
+  np.testing.assert_array_equal(tiny_p, greedy)
+
+
+def test_logit_processors_by_hand():
+  logits = jnp.array([[2.0, 1.9, -1.0, 0.5]])
+  seen = jnp.array([[True, False, False, False]])
+  key = jax.random.key(0)
+  pick = lambda s, seen=seen: int(generate.next_tokens(logits, seen, key, s)[0])
+  assert pick(generate.GREEDY) == 0
+  # Penalty 2: the seen 2.0 becomes 1.0 < 1.9.
+  assert pick(generate.Sampling(temperature=0.0, repetition_penalty=2.0)) == 1
+  # top_k 2 / top_p 0.5 never draw tokens 2 or 3.
+  for s in (generate.Sampling(top_k=2), generate.Sampling(top_k=0, top_p=0.5)):
+    draws = generate.next_tokens(jnp.repeat(logits, 400, 0), jnp.repeat(seen, 400, 0),
+                                 key, s)
+    assert set(np.asarray(draws).tolist()) <= {0, 1}
+  # top_p 0.5: token 0 alone has p = 0.43 < 0.5, so token 1 is kept too, both appear.
+  assert set(np.asarray(draws).tolist()) == {0, 1}
+  with pytest.raises(generate.UserError, match="top_p"):
+    generate.Sampling(top_p=0.0)
+
+
+def test_timestamps_round_trip_the_training_format():
+  segs = [Segment(0.0, 1.25, "Hello there."), Segment(1.25, 3.5, "How are you?"),
+          Segment(62.04, 63.5, "Fine.")]
+  text = templates.format_timestamps(segs)
+  assert text == "[0.00]Hello there.[1.25][1.25]How are you?[3.50][62.04]Fine.[63.50]"
+  assert templates.parse_timestamps(text) == segs
+  words = [Segment(0.5, 0.9, "hi"), Segment(1.0, 1.4, "you")]
+  assert templates.parse_timestamps(templates.format_timestamps(words, "word")) == words
+  # A window starting at 30 s shifts its segments.
+  assert generate.offset_segments("[0.50]a[1.00]", 30.0) == [Segment(30.5, 31.0, "a")]
+  assert generate.to_srt(segs[:1] + segs[2:]) == (
+      "1\n00:00:00,000 --> 00:00:01,250\nHello there.\n\n"
+      "2\n00:01:02,040 --> 00:01:03,500\nFine.\n\n")
+
+
+def test_windows_cover_the_recording():
+  assert generate.windows_of(10.0, 30.0) == [(0.0, 10.0)]
+  spans = generate.windows_of(70.0, 30.0)
+  assert len(spans) == 3 and spans[0] == (0.0, pytest.approx(70 / 3))
+  assert sum(l for _, l in spans) == pytest.approx(70.0) and max(l for _, l in spans) <= 30.0
