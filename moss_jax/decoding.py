@@ -106,12 +106,13 @@ def _decode(model, params, fields, prompt_len, active, stop_ids, rng, *, max_new
   ids = fields["input_ids"]
   n, length = ids.shape
   mel = None
-  if "audio_chunk_frames" in fields:
+  if "audio_chunk_frames" in fields and fields["audio_chunk_frames"].shape[1]:
     mel = model_audio_mel(fields, model.config) if mel_from_batch else fields["audio_mel"]
   cache = init_cache(model.config.text, n, length + max_new_tokens, jnp.dtype(model.config.dtype))
   logits, cache = model.apply(
       variables, ids, fields["positions"], fields["segment_ids"], cache, prompt_len - 1, mel,
-      fields.get("audio_chunk_frames"), fields.get("audio_token_index"),
+      fields.get("audio_chunk_frames") if mel is not None else None,
+      fields.get("audio_token_index") if mel is not None else None,
       method=MossAudioModel.prefill)
   vocab = logits.shape[-1]
   in_prompt = jnp.arange(length)[None, :] < prompt_len[:, None]
@@ -244,17 +245,21 @@ def strip(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 
 
 def stack_prompts(prompts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """One-row prompt batches (any widths) -> one right-padded batch with a row each."""
+  """One-row prompt batches of any widths and chunk-slot counts -> one batch with a row each:
+  token fields right-padded (audio_token_index with -1), chunk slots padded with empty ones."""
   width = max(p["input_ids"].shape[1] for p in prompts)
-  fill = {"audio_token_index": -1}
+  slots = max((p["audio_chunk_frames"].shape[1] for p in prompts if "audio_chunk_frames" in p),
+              default=0)
   out = {}
   for k in prompts[0]:
+    size = width if k in batch_lib.TOKEN_FIELDS else slots
+    fill = -1 if k == "audio_token_index" else 0
     parts = []
     for p in prompts:
       v = np.asarray(p[k])
-      if k in batch_lib.TOKEN_FIELDS and v.shape[1] < width:
-        v = np.concatenate([v, np.full((v.shape[0], width - v.shape[1]), fill.get(k, 0), v.dtype)],
-                           axis=1)
+      if v.shape[1] < size:
+        v = np.concatenate([v, np.full((v.shape[0], size - v.shape[1]) + v.shape[2:], fill,
+                                       v.dtype)], axis=1)
       parts.append(v)
     out[k] = np.concatenate(parts)
   return out

@@ -144,22 +144,6 @@ def prompt_row(loaded: Loaded, ref: manifest_lib.AudioRef, wave: np.ndarray, tas
   return packer.build()
 
 
-def pad_chunks(rows: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-  """Gives every row the same number of chunk slots (empty slots: 0 frames, zero features)."""
-  c = max(r["audio_chunk_frames"].shape[1] for r in rows)
-  out = []
-  for r in rows:
-    r = dict(r)
-    have = r["audio_chunk_frames"].shape[1]
-    if have < c:
-      for k in ("audio_chunk_frames", "audio_chunk_audio_id", "audio_mel", "audio_waveform"):
-        if k in r:
-          v = r[k]
-          r[k] = np.concatenate([v, np.zeros((1, c - have) + v.shape[2:], v.dtype)], axis=1)
-    out.append(r)
-  return out
-
-
 # ----------------------------------------------------------------------------- transcripts
 
 Segment = manifest_lib.Segment
@@ -229,8 +213,7 @@ def transcribe_files(loaded: Loaded, paths: Sequence[str], *, task: str, questio
     results[i].windows.clear()
 
   def run_batch() -> None:
-    rows = pad_chunks([r for *_, r in batch])
-    out = generate(loaded.model, loaded.params, stack_prompts(rows),
+    out = generate(loaded.model, loaded.params, stack_prompts([r for *_, r in batch]),
                    max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids,
                    pad_id=loaded.tokenizer.pad_id, sampling=sampling, seed=seed, mesh=mesh)
     for (i, offset, length, _), row in zip(batch, out, strict=True):
@@ -286,27 +269,28 @@ def transcribe_files(loaded: Loaded, paths: Sequence[str], *, task: str, questio
 
 # ----------------------------------------------------------------------------- command line
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir or reference-format dir")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step of a training run (default: newest)")
-_AUDIO = flags.DEFINE_multi_string("audio", [], "audio file; repeat the flag for more files")
-_PROMPT = flags.DEFINE_string("prompt", None, "the question (default: the task's prompt)")
-_TASK = flags.DEFINE_enum("task", "asr", TASK_CHOICES, "what to ask (qa needs --prompt)")
-_OUTPUT = flags.DEFINE_enum("output", "text", ("text", "json", "srt"),
-                            "text: 'FILE<tab>text' lines; json: one object per file; srt: "
-                            "subtitles per file (under a '==> FILE <==' line)")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 512, "new tokens per window at most")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0,
-                                  "0 = greedy (deterministic transcripts); the reference samples "
-                                  "with 1.0")
-_TOP_K = flags.DEFINE_integer("top_k", 50, "sample from the k most likely tokens (0 = all)")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-_REP = flags.DEFINE_float("repetition_penalty", 1.0, "penalty for repeated tokens (1 = off)")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "windows decoded together")
-_WINDOW = flags.DEFINE_float("window_seconds", 30.0, "recordings longer than this are cut into "
-                             "windows transcribed separately")
-_MAX_SECONDS = flags.DEFINE_float("max_audio_seconds", 4 * 3600.0,
-                                  "files longer than this are refused")
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so `moss_jax.evaluate` (which defines
+  flags of the same names) can import this module."""
+  flags.DEFINE_string("checkpoint", None, "training workdir or reference-format dir")
+  flags.DEFINE_integer("step", None, "checkpoint step of a training run (default: newest)")
+  flags.DEFINE_multi_string("audio", [], "audio file; repeat the flag for more files")
+  flags.DEFINE_string("prompt", None, "the question (default: the task's prompt)")
+  flags.DEFINE_enum("task", "asr", TASK_CHOICES, "what to ask (qa needs --prompt)")
+  flags.DEFINE_enum("output", "text", ("text", "json", "srt"),
+                    "text: 'FILE<tab>text' lines; json: one object per file; srt: subtitles per "
+                    "file (under a '==> FILE <==' line)")
+  flags.DEFINE_integer("max_new_tokens", 512, "new tokens per window at most")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy (deterministic transcripts); the "
+                     "reference samples with 1.0")
+  flags.DEFINE_integer("top_k", 50, "sample from the k most likely tokens (0 = all)")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+  flags.DEFINE_float("repetition_penalty", 1.0, "penalty for repeated tokens (1 = off)")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_integer("batch_size", 8, "windows decoded together")
+  flags.DEFINE_float("window_seconds", 30.0, "recordings longer than this are cut into windows "
+                     "transcribed separately")
+  flags.DEFINE_float("max_audio_seconds", 4 * 3600.0, "files longer than this are refused")
 
 
 def make_mesh():
@@ -316,8 +300,9 @@ def make_mesh():
 
 
 def sampling_from_flags() -> Sampling:
-  return Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                  repetition_penalty=_REP.value)
+  f = flags.FLAGS
+  return Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                  repetition_penalty=f.repetition_penalty)
 
 
 def _print_result(res: FileResult, output: str, timestamps: bool) -> None:
@@ -338,27 +323,28 @@ def _print_result(res: FileResult, output: str, timestamps: bool) -> None:
 
 def main(argv: Sequence[str]) -> int:
   del argv
+  f = flags.FLAGS
   cli.require("checkpoint", "audio")
-  if _TASK.value == "qa" and not _PROMPT.value:
+  if f.task == "qa" and not f.prompt:
     raise UserError("--task qa needs --prompt (the question)")
-  if _BATCH.value < 1 or _WINDOW.value <= 0:
-    raise UserError("--batch_size must be >= 1 and --window_seconds > 0")
+  if f.batch_size < 1 or f.window_seconds <= 0 or f.max_new_tokens < 1:
+    raise UserError("--batch_size and --max_new_tokens must be >= 1, --window_seconds > 0")
   sampling = sampling_from_flags()
   mesh = make_mesh()
-  loaded = load(_CHECKPOINT.value, mesh, _STEP.value)
+  loaded = load(f.checkpoint, mesh, f.step)
   failed = 0
-  timestamps = _TASK.value == "asr_timestamps"
-  for res in transcribe_files(loaded, _AUDIO.value, task=_TASK.value, question=_PROMPT.value,
-                              max_new_tokens=_MAX_NEW.value, sampling=sampling, seed=_SEED.value,
-                              batch_size=_BATCH.value, window_seconds=_WINDOW.value,
-                              max_audio_seconds=_MAX_SECONDS.value, mesh=mesh):
+  for res in transcribe_files(loaded, f.audio, task=f.task, question=f.prompt,
+                              max_new_tokens=f.max_new_tokens, sampling=sampling, seed=f.seed,
+                              batch_size=f.batch_size, window_seconds=f.window_seconds,
+                              max_audio_seconds=f.max_audio_seconds, mesh=mesh):
     failed += res.error is not None
-    _print_result(res, _OUTPUT.value, timestamps)
+    _print_result(res, f.output, f.task == "asr_timestamps")
   if failed:
-    print(f"error: {failed} of {len(_AUDIO.value)} files failed", file=sys.stderr, flush=True)
+    print(f"error: {failed} of {len(f.audio)} files failed", file=sys.stderr, flush=True)
     return 1
   return 0
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
