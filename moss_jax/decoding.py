@@ -164,10 +164,12 @@ def _decode_fn(model, mesh, **static):
 def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.ndarray, *,
                max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
                sampling: Sampling = GREEDY, seed: int = 0, mesh=None,
-               mel_from_batch: bool = True) -> np.ndarray:
+               mel_from_batch: bool = True, min_rows: int = 1) -> np.ndarray:
   """The decode program on host arrays (prompts right-padded; prompt_len [N] >= 1).
 
-  Rows are padded to the mesh's batch-sharding device count; the result is [N, max_new_tokens].
+  Rows are padded (with idle rows) to at least `min_rows` (callers decoding in fixed-size
+  batches pass their batch size, so a short last batch reuses the compiled program) and to a
+  multiple of the mesh's batch-sharding device count; the result is [N, max_new_tokens].
   """
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -175,16 +177,16 @@ def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.n
   n = fields["input_ids"].shape[0]
   prompt_len = np.asarray(prompt_len, np.int32)
   active = np.ones(n, bool)
-  if mesh is not None:
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    pad = (-n) % rows
-    if pad:
-      fields = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-                for k, v in fields.items()}
-      if "audio_token_index" in fields:
-        fields["audio_token_index"][n:] = -1
-      prompt_len = np.concatenate([prompt_len, np.ones(pad, np.int32)])
-      active = np.concatenate([active, np.zeros(pad, bool)])
+  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  pad = max(n, min_rows)
+  pad += (-pad) % rows - n
+  if pad:
+    fields = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+              for k, v in fields.items()}
+    if "audio_token_index" in fields:
+      fields["audio_token_index"][n:] = -1
+    prompt_len = np.concatenate([prompt_len, np.ones(pad, np.int32)])
+    active = np.concatenate([active, np.zeros(pad, bool)])
   args = (fields, prompt_len, active, np.asarray(stop_ids, np.int32),
           jax.random.key(seed))
   fn = _decode_fn(model, mesh, max_new_tokens=int(max_new_tokens), sampling=sampling,
@@ -210,7 +212,7 @@ def prompt_lengths(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def generate(model, params, batch: Mapping[str, np.ndarray], *, max_new_tokens: int,
              stop_ids: Sequence[int], pad_id: int, sampling: Sampling = GREEDY, seed: int = 0,
-             mesh=None) -> np.ndarray:
+             mesh=None, min_rows: int = 1) -> np.ndarray:
   """New tokens for a batch of prompts in the project's layout -> int32 [N, max_new_tokens].
 
   `batch`: one prompt per row in the training schema (moss_jax/batch.py), right-padded (e.g.
@@ -231,7 +233,8 @@ def generate(model, params, batch: Mapping[str, np.ndarray], *, max_new_tokens: 
     if name in fields:
       fields[name] = fields[name][:, :keep]
   return run_decode(model, params, fields, lengths, max_new_tokens=max_new_tokens,
-                    stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, seed=seed, mesh=mesh)
+                    stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, seed=seed, mesh=mesh,
+                    min_rows=min_rows)
 
 
 def strip(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:

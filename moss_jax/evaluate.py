@@ -300,7 +300,7 @@ def score_manifest(loaded, manifest: str, mesh, *, tasks: Sequence[str] | None =
     out = decoding.generate(loaded.model, loaded.params,
                             decoding.stack_prompts([r.row for r in batch]),
                             max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids,
-                            pad_id=loaded.tokenizer.pad_id, mesh=mesh)
+                            pad_id=loaded.tokenizer.pad_id, mesh=mesh, min_rows=batch_size)
     for rec, row in zip(batch, out, strict=True):
       rec.hypothesis = loaded.tokenizer.decode(decoding.strip(row, loaded.stop_ids))
       rec.scores = score(rec)

@@ -215,7 +215,8 @@ def transcribe_files(loaded: Loaded, paths: Sequence[str], *, task: str, questio
   def run_batch() -> None:
     out = generate(loaded.model, loaded.params, stack_prompts([r for *_, r in batch]),
                    max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids,
-                   pad_id=loaded.tokenizer.pad_id, sampling=sampling, seed=seed, mesh=mesh)
+                   pad_id=loaded.tokenizer.pad_id, sampling=sampling, seed=seed, mesh=mesh,
+                   min_rows=batch_size)
     for (i, offset, length, _), row in zip(batch, out, strict=True):
       if results[i].error is None:
         text = loaded.tokenizer.decode(strip(row, loaded.stop_ids))

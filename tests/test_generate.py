@@ -228,3 +228,110 @@ def test_reference_generate_matches_a_greedy_loop_over_the_pytorch_reference(tmp
   assert got.shape[1] == max(min(20, (np.flatnonzero(w == eos)[:1] + 1).tolist()[0]
                                  if (w == eos).any() else 20) for w in want)
   assert len(set(got.ravel().tolist())) > 3  # the streams are not one repeated token
+
+
+# ----------------------------------------------------------------------------- command line
+
+CORPUS = os.path.join(REPO, "data_pipelines", "sample_corpus")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A tiny run trained for 1 step on the sample corpus by `python -m moss_jax.train`."""
+  tmp = tmp_path_factory.mktemp("run")
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  cfg = write_run_config(tmp, train__steps=1, train__checkpoint_every=1, optim__warmup_steps=0)
+  workdir = str(tmp / "workdir")
+  env = train_env(cache)
+  proc = subprocess.run(train_command(cfg, workdir), env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, env
+
+
+def _cli(module, env, *args, timeout=900):
+  return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_generate_cli_ties_every_result_to_its_file(trained_run, tmp_path):
+  """good / missing / empty / NaN / good: each good file's result beside its own path (the
+  same text as in another order), one error line per bad file, exit status 1."""
+  import soundfile
+  workdir, env = trained_run
+  good1 = os.path.join(CORPUS, "audio", "eval_speech_000.flac")
+  good2 = os.path.join(CORPUS, "audio", "eval_speech_003.ogg")
+  empty = tmp_path / "empty.wav"
+  empty.write_bytes(b"")
+  nan = str(tmp_path / "nan.wav")
+  wave = np.zeros(16000, np.float32)
+  wave[8000] = np.nan
+  soundfile.write(nan, wave, 16000, subtype="FLOAT")
+  missing = str(tmp_path / "missing.flac")
+  common = [f"--checkpoint={workdir}", "--max_new_tokens=6", "--output=json",
+            "--window_seconds=2", "--batch_size=3"]
+  proc = _cli("moss_jax.generate", env, *common, f"--audio={good1}", f"--audio={missing}",
+              f"--audio={empty}", f"--audio={nan}", f"--audio={good2}")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = [json.loads(x) for x in proc.stdout.splitlines()]
+  assert [x["audio"] for x in lines] == [good1, missing, str(empty), nan, good2]
+  assert "error" not in lines[0] and "error" not in lines[4]
+  assert "missing_file" in lines[1]["error"] and "empty_file" in lines[2]["error"]
+  assert "non_finite_audio" in lines[3]["error"]
+  errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert len(errors) == 4 and errors[-1] == "error: 3 of 5 files failed"
+  assert "Traceback" not in proc.stderr
+  # The good files alone, in the other order, give the same results.
+  again = _cli("moss_jax.generate", env, *common, f"--audio={good2}", f"--audio={good1}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  by_file = {x["audio"]: x for x in map(json.loads, again.stdout.splitlines())}
+  assert by_file[good1] == lines[0] and by_file[good2] == lines[4]
+  # 2 s windows: a ~3 s file becomes several windows, each a segment with its own times.
+  segs = lines[0]["segments"]
+  assert segs == sorted(segs, key=lambda s: s["start"]) and all(s["end"] > s["start"]
+                                                               for s in segs)
+  # SRT of the same file: one cue per non-empty window.
+  srt = _cli("moss_jax.generate", env, *common[:-3], "--output=srt", "--window_seconds=2",
+             f"--audio={good1}")
+  assert srt.returncode == 0, srt.stderr[-3000:]
+  assert srt.stdout.startswith(f"==> {good1} <==\n")
+  cues = [c for c in srt.stdout.split("\n\n") if " --> " in c]
+  assert len(cues) == len(segs)
+  if segs:
+    first = cues[0].split("\n")
+    assert first[-1] == segs[0]["text"] and first[-2].startswith("00:00:00,000 --> 00:00:0")
+
+
+def test_generate_cli_errors_are_one_line(trained_run, tmp_path):
+  workdir, env = trained_run
+  proc = _cli("moss_jax.generate", env, f"--checkpoint={tmp_path}", "--audio=x.flac")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in proc.stderr
+  proc = _cli("moss_jax.generate", env, f"--checkpoint={workdir}", "--audio=x.flac",
+              "--task=qa")
+  assert proc.returncode == 2 and "--task qa needs --prompt" in proc.stderr
+
+
+def test_evaluate_cli_writes_report_and_hypotheses(trained_run, tmp_path):
+  workdir, env = trained_run
+  manifest = tmp_path / "eval.jsonl"
+  lines = open(os.path.join(CORPUS, "eval.jsonl"), encoding="utf-8").read().splitlines()[:3]
+  lines = [json.loads(x) for x in lines]
+  for x in lines:
+    x["audio"] = os.path.join(CORPUS, x["audio"])
+  lines.insert(1, {"id": "gone", "audio": str(tmp_path / "gone.flac"), "task": "asr", "text": "x"})
+  manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  out = tmp_path / "report.json"
+  proc = _cli("moss_jax.evaluate", env, f"--checkpoint={workdir}", f"--manifest={manifest}",
+              f"--output={out}", "--max_new_tokens=6", "--batch_size=2")
+  assert proc.returncode == 1, proc.stderr[-3000:]  # one record's audio is missing
+  report = json.loads(out.read_text())
+  assert report["num_records"] == 4 and report["errors"] == 1
+  assert report["tasks"]["asr"]["samples"] == 2 and report["tasks"]["asr"]["wer"] >= 0
+  assert report["tasks"]["asr_timestamps"]["samples"] == 1
+  assert "aas_ms" in report["tasks"]["asr_timestamps"]
+  hyps = [json.loads(x) for x in (tmp_path / "report.hypotheses.jsonl").read_text().splitlines()]
+  assert [h["source"].rsplit(":", 1)[1] for h in hyps] == ["1", "2", "3", "4"]
+  assert "missing_file" in hyps[1]["error"] and all("hypothesis" in h for h in hyps[:1] + hyps[2:])
+  assert hyps[0]["reference"] == "My quiet ship runs fast."
+  assert sum(x.startswith("error: ") for x in proc.stderr.splitlines()) == 1
