@@ -98,11 +98,12 @@ def next_tokens(logits: jax.Array, seen: jax.Array, key: jax.Array, s: Sampling)
 
 # ----------------------------------------------------------------------------- decoding
 
-def _decode(model, params, fields, prompt_len, active, stop_ids, rng, *, max_new_tokens: int,
+def _decode(model, params, fields, prompt_len, active, stop_ids, seed, *, max_new_tokens: int,
             sampling: Sampling, pad_id: int, mel_from_batch: bool):
   """Prefill + decode loop for right-padded prompts; -> tokens int32 [B, max_new_tokens], the
   stop token included and `pad_id` after it (and everywhere in inactive rows)."""
   variables = {"params": params}
+  rng = jax.random.key(seed)
   ids = fields["input_ids"]
   n, length = ids.shape
   mel = None
@@ -147,18 +148,22 @@ def _decode(model, params, fields, prompt_len, active, stop_ids, rng, *, max_new
 
 
 _COMPILED: dict = {}
+_COMPILED_KEEP = 8  # programs kept (a model's eval and generate settings; tests make many)
 
 
 def _decode_fn(model, mesh, **static):
   """One jitted decode program per (model object, settings, mesh); jit itself retraces for new
   shapes. Modules holding a ConfigDict are not hashable, so the model is closed over, and the
-  cache entry keeps it alive so its id is never reused."""
+  cache entry keeps it alive so its id is not reused while the entry exists."""
   key = (id(model), mesh, tuple(sorted(static.items())))
-  if key not in _COMPILED:
+  entry = _COMPILED.pop(key, None)
+  if entry is None:
     out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    _COMPILED[key] = (model, jax.jit(functools.partial(_decode, model, **static),
-                                     out_shardings=out_sh))
-  return _COMPILED[key][1]
+    entry = (model, jax.jit(functools.partial(_decode, model, **static), out_shardings=out_sh))
+  _COMPILED[key] = entry  # most recently used last
+  while len(_COMPILED) > _COMPILED_KEEP:
+    del _COMPILED[next(iter(_COMPILED))]
+  return entry[1]
 
 
 def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.ndarray, *,
@@ -187,8 +192,7 @@ def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.n
       fields["audio_token_index"][n:] = -1
     prompt_len = np.concatenate([prompt_len, np.ones(pad, np.int32)])
     active = np.concatenate([active, np.zeros(pad, bool)])
-  args = (fields, prompt_len, active, np.asarray(stop_ids, np.int32),
-          jax.random.key(seed))
+  args = (fields, prompt_len, active, np.asarray(stop_ids, np.int32), np.uint32(seed))
   fn = _decode_fn(model, mesh, max_new_tokens=int(max_new_tokens), sampling=sampling,
                   pad_id=int(pad_id), mel_from_batch=mel_from_batch)
   if mesh is None:
@@ -196,7 +200,7 @@ def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.n
   else:
     replicated = NamedSharding(mesh, PartitionSpec())
     put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
-    args = jax.tree.map(put, args[:4]) + (args[4],)
+    args = jax.tree.map(put, args)
     with sharding_lib.use_mesh(mesh):
       out = fn(params, *args)
   return np.asarray(jax.device_get(out))[:n]

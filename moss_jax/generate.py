@@ -43,8 +43,9 @@ from moss_jax import batch as batch_lib
 from moss_jax import checkpoint
 from moss_jax import cli
 from moss_jax import sharding as sharding_lib
-from moss_jax.decoding import (GREEDY, Sampling, generate, prompt_lengths, stack_prompts,  # noqa: F401  (the Python API)
-                               strip)
+# The Python API lives in moss_jax.decoding; `moss_jax.generate.generate(...)` is the same.
+from moss_jax.decoding import (GREEDY, Sampling, generate, prompt_lengths,  # noqa: F401
+                               stack_prompts, strip)
 from moss_jax.errors import UserError
 from moss_jax.model import MossAudioModel
 

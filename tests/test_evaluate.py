@@ -10,7 +10,7 @@ from moss_jax import evaluate
 
 def test_normaliser():
   assert evaluate.normalize_text("  Hello,   World! ") == "hello world"
-  assert evaluate.normalize_text("ＡＢＣ，你好。") == "abc 你好"  # NFKC folds full-width forms
+  assert evaluate.normalize_text("ＡＢＣ，你好。") == "abc 你好"  # NFKC: full-width forms
   assert evaluate.words("我用 Python 写代码。") == "我 用 python 写 代 码"
   assert evaluate.chars("The cat sat.") == "thecatsat"
 

@@ -255,8 +255,8 @@ def _cli(module, env, *args, timeout=900):
 
 
 def test_generate_cli_ties_every_result_to_its_file(trained_run, tmp_path):
-  """good / missing / empty / NaN / good: each good file's result beside its own path (the
-  same text as in another order), one error line per bad file, exit status 1."""
+  """good / missing / empty / NaN / too long / corrupt / good: each good file's result beside
+  its own path (the same text as in another order), one error line per bad file, exit 1."""
   import soundfile
   workdir, env = trained_run
   good1 = os.path.join(CORPUS, "audio", "eval_speech_000.flac")
@@ -268,30 +268,39 @@ def test_generate_cli_ties_every_result_to_its_file(trained_run, tmp_path):
   wave[8000] = np.nan
   soundfile.write(nan, wave, 16000, subtype="FLOAT")
   missing = str(tmp_path / "missing.flac")
+  long = str(tmp_path / "long.wav")  # over --max_audio_seconds: refused from its header
+  soundfile.write(long, np.zeros(16000 * 5, np.float32), 16000)
+  corrupt = tmp_path / "corrupt.flac"
+  corrupt.write_bytes(b"fLaC" + bytes(range(256)) * 4)
   common = [f"--checkpoint={workdir}", "--max_new_tokens=6", "--output=json",
-            "--window_seconds=2", "--batch_size=3"]
+            "--window_seconds=2", "--batch_size=3", "--max_audio_seconds=4"]
   proc = _cli("moss_jax.generate", env, *common, f"--audio={good1}", f"--audio={missing}",
-              f"--audio={empty}", f"--audio={nan}", f"--audio={good2}")
+              f"--audio={empty}", f"--audio={nan}", f"--audio={long}", f"--audio={corrupt}",
+              f"--audio={good2}")
   assert proc.returncode == 1, proc.stderr[-3000:]
   lines = [json.loads(x) for x in proc.stdout.splitlines()]
-  assert [x["audio"] for x in lines] == [good1, missing, str(empty), nan, good2]
-  assert "error" not in lines[0] and "error" not in lines[4]
+  assert [x["audio"] for x in lines] == [good1, missing, str(empty), nan, long, str(corrupt),
+                                         good2]
+  assert "error" not in lines[0] and "error" not in lines[6]
   assert "missing_file" in lines[1]["error"] and "empty_file" in lines[2]["error"]
-  assert "non_finite_audio" in lines[3]["error"]
+  assert "non_finite_audio" in lines[3]["error"] and "too_long" in lines[4]["error"]
+  assert "corrupt_audio" in lines[5]["error"]
   errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-  assert len(errors) == 4 and errors[-1] == "error: 3 of 5 files failed"
+  assert len(errors) == 6 and errors[-1] == "error: 5 of 7 files failed"
+  assert all(f": {x['audio']}: " in e for e, x in zip(errors, lines[1:6]))
   assert "Traceback" not in proc.stderr
   # The good files alone, in the other order, give the same results.
   again = _cli("moss_jax.generate", env, *common, f"--audio={good2}", f"--audio={good1}")
   assert again.returncode == 0, again.stderr[-3000:]
   by_file = {x["audio"]: x for x in map(json.loads, again.stdout.splitlines())}
-  assert by_file[good1] == lines[0] and by_file[good2] == lines[4]
+  assert by_file[good1] == lines[0] and by_file[good2] == lines[6]
   # 2 s windows: a ~3 s file becomes several windows, each a segment with its own times.
   segs = lines[0]["segments"]
   assert segs == sorted(segs, key=lambda s: s["start"]) and all(s["end"] > s["start"]
                                                                for s in segs)
   # SRT of the same file: one cue per non-empty window.
-  srt = _cli("moss_jax.generate", env, *common[:-3], "--output=srt", "--window_seconds=2",
+  srt = _cli("moss_jax.generate", env, *common[:2], "--output=srt", "--window_seconds=2",
+             "--batch_size=3",
              f"--audio={good1}")
   assert srt.returncode == 0, srt.stderr[-3000:]
   assert srt.stdout.startswith(f"==> {good1} <==\n")
