@@ -45,6 +45,7 @@ import numpy as np
 from absl import flags
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from data_pipelines import errors as data_errors
 from data_pipelines import manifest as manifest_lib
@@ -326,19 +327,13 @@ def score_manifest(loaded, manifest: str, mesh, *, tasks: Sequence[str] | None =
 
 def empty_batch(config, rows: int) -> dict[str, np.ndarray]:
   """A batch with no tokens (all padding): what a process with no eval rows left contributes."""
-  shapes = batch_lib.batch_shapes(rows, config.data.max_tokens, config.data.max_audio_chunks,
-                                  config.data.feature_mode)
-  out = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
-  out["labels"][:] = batch_lib.IGNORE_INDEX
-  out["audio_token_index"][:] = -1
-  return out
+  return batch_lib.empty_batch(batch_lib.batch_shapes_from_config(config, rows))
 
 
 def _global_count(n: int) -> int:
   """The largest `n` over processes (each must run the same number of collective steps)."""
   if jax.process_count() == 1:
     return n
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(np.max(multihost_utils.process_allgather(np.array([n], np.int64))))
 
 

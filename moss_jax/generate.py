@@ -42,7 +42,10 @@ from data_pipelines import tokenizers
 from moss_jax import batch as batch_lib
 from moss_jax import checkpoint
 from moss_jax import cli
+from moss_jax import hf
+from moss_jax.hf import config_io
 from moss_jax import sharding as sharding_lib
+from moss_jax import train_step as ts
 # The Python API lives in moss_jax.decoding; `moss_jax.generate.generate(...)` is the same.
 from moss_jax.decoding import (GREEDY, Sampling, generate, prompt_lengths,  # noqa: F401
                                stack_prompts, strip)
@@ -89,7 +92,6 @@ def load(path: str, mesh, step: int | None = None) -> Loaded:
 
 
 def _load_run(root: epath.Path, config, mesh, step: int | None) -> Loaded:
-  from moss_jax import train_step as ts  # pylint: disable=g-import-not-at-top  (heavy: optax)
   ckpt_dir = root / "checkpoints"
   if not checkpoint.complete_steps(str(ckpt_dir)):
     raise UserError(f"{root}: no complete checkpoint under {ckpt_dir}")
@@ -103,8 +105,6 @@ def _load_run(root: epath.Path, config, mesh, step: int | None) -> Loaded:
 
 
 def _load_reference(path: str, mesh) -> Loaded:
-  from moss_jax import hf  # pylint: disable=g-import-not-at-top  (safetensors readers)
-  from moss_jax.hf import config_io  # pylint: disable=g-import-not-at-top
   tok_file = epath.Path(path) / "tokenizer.json"
   if not tok_file.exists():
     raise UserError(f"{path}: no tokenizer.json beside the weights (copy the released repo's "
@@ -298,7 +298,7 @@ def define_flags() -> None:
 def make_mesh():
   """All local devices on the fsdp axis (like the training default)."""
   return sharding_lib.make_mesh(ml_collections.ConfigDict(
-      {"shape": (1, -1, 1), "axis_names": sharding_lib.MESH_AXES}))
+      {"shape": (1, -1, 1)}))
 
 
 def sampling_from_flags() -> Sampling:

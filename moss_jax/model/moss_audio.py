@@ -10,7 +10,6 @@ then `decode_step` per new token (text only: the DeepStack adds are zero off aud
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,13 +19,9 @@ from moss_jax.model import layers
 from moss_jax.model.adapter import GatedMLP
 from moss_jax.model.encoder import AudioEncoder
 from moss_jax.model.llm import KVCache, Qwen3Model
+from moss_jax.model_config import num_mergers
 
 Array = jax.Array
-
-
-def num_mergers(config: ml_collections.ConfigDict) -> int:
-  """min(len(taps), deepstack_num_inject_layers), as in the reference."""
-  return min(len(config.audio.deepstack_encoder_layer_indexes), config.deepstack_num_inject_layers)
 
 
 def gather_audio(features: Array, audio_token_index: Array) -> Array:
@@ -37,7 +32,7 @@ def gather_audio(features: Array, audio_token_index: Array) -> Array:
 
 
 class MossAudioModel(nn.Module):
-  """The whole model; `config` is config.model (configs/base.py:model_config)."""
+  """The whole model; `config` is config.model (moss_jax/model_config.py)."""
   config: ml_collections.ConfigDict
 
   def setup(self):
