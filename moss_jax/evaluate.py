@@ -256,7 +256,7 @@ def read_records(loaded, manifest: str, tasks: Sequence[str] | None = None,
   data = loaded.config.data
   encoder = pipeline.RecordEncoder(loaded.tokenizer, feature_mode=data.feature_mode,
                                    time_markers=data.time_markers,
-                                   max_audio_seconds=data.get("max_audio_seconds", float("inf")),
+                                   max_audio_seconds=data.max_audio_seconds,
                                    prompt_only=True)
   n = 0
   for path in manifest_lib.manifest_paths(manifest):

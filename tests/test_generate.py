@@ -19,7 +19,7 @@ from moss_jax import decoding
 from moss_jax import generate
 from moss_jax import sharding
 from moss_jax import train_step as ts
-from moss_jax.model import MossAudioModel, init_params
+from moss_jax.model import MossAudioModel, init_params, param_shardings
 from moss_jax.model.mel import model_audio_mel
 from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
                                 write_run_config)
@@ -104,7 +104,7 @@ def test_batch_of_different_lengths_on_a_mesh_gives_each_prompt_its_own_tokens(t
   lengths = generate.prompt_lengths(batch)
   assert len(set(lengths.tolist())) == 3
   mesh = sharding.make_mesh(config.mesh)
-  sharded = jax.device_put(params, sharding.param_shardings(config.model, mesh))
+  sharded = jax.device_put(params, param_shardings(config.model, mesh))
   stop = (int(_full_recompute(model, params, {k: v[:1] for k, v in batch.items()}, config,
                               6)[0][5]),)  # row 0's 6th token stops it; the others may run on
   together = generate.generate(model, sharded, batch, max_new_tokens=12, stop_ids=stop,
@@ -175,6 +175,7 @@ def test_windows_cover_the_recording():
   assert sum(l for _, l in spans) == pytest.approx(70.0) and max(l for _, l in spans) <= 30.0
 
 
+@pytest.mark.slow
 def test_reference_generate_matches_a_greedy_loop_over_the_pytorch_reference(tmp_path):
   """A reference-format directory written by the PyTorch reference: 20 greedy tokens after
   prompts with two audios and time markers, through hf.reference_generate, equal a greedy loop
@@ -254,6 +255,7 @@ def _cli(module, env, *args, timeout=900):
                         text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_generate_cli_ties_every_result_to_its_file(trained_run, tmp_path):
   """good / missing / empty / NaN / too long / corrupt / good: each good file's result beside
   its own path (the same text as in another order), one error line per bad file, exit 1."""
@@ -311,6 +313,7 @@ def test_generate_cli_ties_every_result_to_its_file(trained_run, tmp_path):
     assert first[-1] == segs[0]["text"] and first[-2].startswith("00:00:00,000 --> 00:00:0")
 
 
+@pytest.mark.slow
 def test_generate_cli_errors_are_one_line(trained_run, tmp_path):
   workdir, env = trained_run
   proc = _cli("moss_jax.generate", env, f"--checkpoint={tmp_path}", "--audio=x.flac")
@@ -321,6 +324,7 @@ def test_generate_cli_errors_are_one_line(trained_run, tmp_path):
   assert proc.returncode == 2 and "--task qa needs --prompt" in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_report_and_hypotheses(trained_run, tmp_path):
   workdir, env = trained_run
   manifest = tmp_path / "eval.jsonl"
