@@ -200,7 +200,7 @@ def test_llm_only_export_is_a_plain_qwen3_causal_lm(run, tmp_path):
   out = str(tmp_path / "qwen")
   export.export_run(workdir, out, dtype="float32", llm_only=True)
   qwen, info = Qwen3ForCausalLM.from_pretrained(out, output_loading_info=True,
-                                                torch_dtype=torch.float32)
+                                                dtype=torch.float32)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   ids = np.random.default_rng(0).integers(0, config.model.text.vocab_size, (2, 24))
   with torch.no_grad():
