@@ -51,7 +51,7 @@ from ml_collections import config_flags
 
 from configs import pretrain
 from data_pipelines import tokenizers
-from moss_jax import checkpoint, cli, hf, optim, progress
+from moss_jax import checkpoint, cli, hf, optim, paths, progress
 from moss_jax.errors import UserError
 from moss_jax.hf import config_io, io, mapping
 
@@ -335,8 +335,9 @@ class _Staging:
       self.out.rmtree()
     self.out.mkdir(parents=True, exist_ok=True)
     names = sorted((p.name for p in self.path.iterdir()), key=lambda n: n == "config.json")
-    for name in names:
-      (self.path / name).copy(self.out / name)
+    for name in names:  # streamed: a shard may be larger than the memory
+      with open(self.path / name, "rb") as src, (self.out / name).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)
     shutil.rmtree(self.path)
 
   def abort(self) -> None:
@@ -344,12 +345,12 @@ class _Staging:
 
 
 def _is_local(path) -> bool:
-  return "://" not in os.fspath(path)
+  return not paths.is_uri(path)
 
 
 def _absolute(path) -> epath.Path:
   """Orbax wants absolute paths; gs:// ones already are."""
-  return epath.Path(os.path.abspath(path) if _is_local(path) else path)
+  return paths.run_path(path)
 
 
 def _fsync(path: epath.Path) -> None:
