@@ -329,15 +329,17 @@ class _Staging:
       if old is not None:
         shutil.rmtree(old)
       return
-    # Remote (gs://): no atomic rename; upload the weights first and config.json last, so a
-    # directory without config.json is visibly incomplete.
+    # Remote (gs://): no atomic rename; upload everything else first and the top-level
+    # config.json last, so a directory without config.json is visibly incomplete.
     if self.out.exists():
       self.out.rmtree()
-    self.out.mkdir(parents=True, exist_ok=True)
-    names = sorted((p.name for p in self.path.iterdir()), key=lambda n: n == "config.json")
-    for name in names:  # streamed: a shard may be larger than the memory
-      with open(self.path / name, "rb") as src, (self.out / name).open("wb") as dst:
-        shutil.copyfileobj(src, dst, 64 << 20)
+    files = [os.path.relpath(os.path.join(root, n), self.path)
+             for root, _, names in os.walk(self.path) for n in names]
+    for rel in sorted(files, key=lambda r: r == "config.json"):
+      dest = self.out / rel
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      with open(self.path / rel, "rb") as src, dest.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)  # streamed: a shard may exceed the memory
     shutil.rmtree(self.path)
 
   def abort(self) -> None:
