@@ -92,6 +92,7 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.asr_eval_samples = 8 if preset == "demo" else 32  # greedy ASR CER/WER samples per eval
   c.final_train_asr_samples = 16 if preset == "demo" else 0  # greedy ASR on training clips at the end
   c.generate_max_tokens = 48 if preset == "demo" else 256
+  c.export_at_end = False  # write the final step to WORKDIR/hf (reference format, bfloat16)
   # Operations (moss_jax/diagnostics.py, moss_jax/train_step.py):
   c.compilation_cache_dir = ""  # "" = WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR); off
   c.profile_start = 10  # first step of the jax.profiler trace (after compilation)

@@ -20,8 +20,8 @@ from ml_collections import config_flags
 
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
-from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, flops
-from moss_jax import hf, metrics, paths, progress, sharding
+from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
+from moss_jax import flops, hf, metrics, paths, progress, sharding
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -269,6 +269,10 @@ class Run:
       result["eval"] = self.evaluate(step, final=True)
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
+      if cfg.get("export_at_end", False) and self.is_main:
+        r = export.export_run(str(self.workdir), str(self.workdir / "hf"), step=step,
+                              overwrite=True)
+        self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
 
   def _diverged(self, step: int, m) -> None:
