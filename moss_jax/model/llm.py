@@ -2,13 +2,14 @@
 
 Attention is causal AND restricted to the token's own packed segment (segment_ids; 0 = padding,
 which attends to earlier padding, so it never sees an all-masked row). RoPE positions come from
-the batch (they restart in every packed segment).
+the batch (they restart in every packed segment). The layers receive segment ids, not a mask:
+the attention implementation (model/attention.py, `model.attention`) builds the mask per block.
 
-Generation passes a preallocated `KVCache` (keys and values of every layer, [layers, B, S, kv_heads,
-head_dim]). Prefill (no `decode_index`) attends like training and writes the prompt's keys/values
-at cache columns 0..L-1; a decode step (`decode_index` [B], the cache column of each row's new
-token) writes its key/value there and attends over columns <= that index, so rows of different
-prompt lengths (right-padded, one segment each) decode side by side.
+Generation passes a preallocated `KVCache` (keys and values of every layer, [layers, B, S,
+kv_heads, head_dim]). Prefill (no `decode_index`) attends like training and writes the prompt's
+keys/values at cache columns 0..L-1; a decode step (`decode_index` [B], the cache column of each
+row's new token) writes its key/value there and attends (`layers.attention`) over the columns up
+to it, so rows of different prompt lengths (right-padded, one segment each) decode side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from moss_jax.model import adapter, layers
+from moss_jax.model import attention as attention_lib
+from moss_jax.model.attention import packed_causal_mask  # noqa: F401  (re-exported)
 
 Array = jax.Array
 
@@ -58,26 +61,19 @@ def _write(cache: Array, new: Array, start: Array | None) -> Array:
       cache, new, start)
 
 
-def packed_causal_mask(segment_ids: Array) -> Array:
-  """[B, 1, L, L] bool: key index <= query index and same segment id."""
-  length = segment_ids.shape[-1]
-  idx = jnp.arange(length)
-  causal = idx[None, :] <= idx[:, None]
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None]
-
-
 class Qwen3Attention(nn.Module):
   """GQA self-attention; q_norm/k_norm (per head) come BEFORE RoPE, as in Qwen3."""
   config: ml_collections.ConfigDict  # config.model.text
   dtype: Any
   param_dtype: Any
+  attention: str = "auto"  # config.model.attention
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array,
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
                cache: tuple[Array, Array] | None = None, decode_index: Array | None = None):
     """-> output [B, L, H]; with a layer's cache (k, v [B, S, kv_heads, head_dim]) also the
-    updated cache (see the module docstring)."""
+    updated cache (see the module docstring; segment_ids are not read in a decode step)."""
     cfg = self.config
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -94,17 +90,22 @@ class Qwen3Attention(nn.Module):
     k = layers.constrain(layers.apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = layers.constrain(v, ("batch", "length", "kv_heads", None))
     o_proj = layers.dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)
-    if cache is None:
-      out = layers.attention(q, k, v, scale=hd ** -0.5, mask=mask).reshape(b, l, nq * hd)
-      return o_proj(out)
-    k_cache = layers.constrain(_write(cache[0], k, decode_index), KV)
-    v_cache = layers.constrain(_write(cache[1], v, decode_index), KV)
-    if decode_index is None:  # prefill: the prompt attends to itself, exactly as in training
-      out = layers.attention(q, k, v, scale=hd ** -0.5, mask=mask)
-    else:
+    if cache is not None and decode_index is not None:  # one decode step over the cache
+      k_cache = layers.constrain(_write(cache[0], k, decode_index), KV)
+      v_cache = layers.constrain(_write(cache[1], v, decode_index), KV)
       out = layers.attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                             scale=hd ** -0.5, mask=mask)
-    return o_proj(out.reshape(b, l, nq * hd)), (k_cache, v_cache)
+                             scale=hd ** -0.5,
+                             mask=decode_mask(decode_index, l, k_cache.shape[1]))
+      return o_proj(out.reshape(b, l, nq * hd)), (k_cache, v_cache)
+    out = attention_lib.segment_causal_attention(
+        q, k, v, segment_ids, scale=hd ** -0.5, implementation=self.attention,
+        block_size=self.attention_block_size).reshape(b, l, nq * hd)
+    if cache is None:
+      return o_proj(out)
+    # Prefill: attention exactly as in training, the prompt's keys/values into the cache.
+    k_cache = layers.constrain(_write(cache[0], k, None), KV)
+    v_cache = layers.constrain(_write(cache[1], v, None), KV)
+    return o_proj(out), (k_cache, v_cache)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -116,20 +117,24 @@ class Qwen3DecoderLayer(nn.Module):
   config: ml_collections.ConfigDict
   dtype: Any
   param_dtype: Any
+  attention: str = "auto"
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array, inject: Array | None,
-               layer_index: Array, cache: tuple[Array, Array] | None = None,
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
+               inject: Array | None, layer_index: Array,
+               cache: tuple[Array, Array] | None = None,
                decode_index: Array | None = None) -> tuple[Array, Any]:
     """-> (output, this layer's updated cache or None)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-    attn = Qwen3Attention(cfg, name="self_attn", **kw)
+    attn = Qwen3Attention(cfg, name="self_attn", attention=self.attention,
+                          attention_block_size=self.attention_block_size, **kw)
     if cache is None:
-      x = x + attn(h, positions, mask)
+      x = x + attn(h, positions, segment_ids)
     else:
-      a, cache = attn(h, positions, mask, cache, decode_index)
+      a, cache = attn(h, positions, segment_ids, cache, decode_index)
       x = x + a
     h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + adapter.GatedMLP(cfg.intermediate_size, cfg.hidden_size, in_axis="embed",
@@ -148,6 +153,8 @@ class Qwen3Model(nn.Module):
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention: str = "auto"  # config.model.attention
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
 
   def setup(self):
     cfg = self.config
@@ -155,7 +162,8 @@ class Qwen3Model(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(layers.DEFAULT_INIT, ("vocab", "embed")))
     layer_cls = layers.maybe_remat(Qwen3DecoderLayer, self.remat_policy, scanned=self.scan_layers)
-    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+              attention_block_size=self.attention_block_size)
     if self.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
@@ -178,21 +186,17 @@ class Qwen3Model(nn.Module):
     not read then) -> (hidden [B, L, H], updated KVCache).
     """
     x = layers.constrain(x.astype(self.dtype), ACT)
-    if decode_index is None:
-      mask = packed_causal_mask(segment_ids)
-    else:
-      mask = decode_mask(decode_index, x.shape[1], cache.k.shape[2])
     if inject is not None:
       inject = inject.astype(self.dtype)
     n = self.config.num_hidden_layers
     kv = None if cache is None else (cache.k, cache.v)
     if self.scan_layers:
-      x, kv = self.layers(x, positions, mask, inject, jnp.arange(n, dtype=jnp.int32), kv,
+      x, kv = self.layers(x, positions, segment_ids, inject, jnp.arange(n, dtype=jnp.int32), kv,
                           decode_index)
     else:
       new = []
       for i, layer in enumerate(self.layers):
-        x, layer_kv = layer(x, positions, mask, inject, jnp.asarray(i, jnp.int32),
+        x, layer_kv = layer(x, positions, segment_ids, inject, jnp.asarray(i, jnp.int32),
                             None if kv is None else (kv[0][i], kv[1][i]), decode_index)
         new.append(layer_kv)
       if kv is not None:
