@@ -64,7 +64,6 @@ class Loaded:
   params: Any
   config: ml_collections.ConfigDict
   tokenizer: Any
-  kind: str  # "run" or "reference"
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -101,7 +100,7 @@ def _load_run(root: epath.Path, config, mesh, step: int | None) -> Loaded:
   abstract = ts.abstract_params_with_shardings(config.model, mesh)
   params = checkpoint.restore_params(str(ckpt_dir), abstract, step)
   tok = tokenizers.load_tokenizer(config.data.tokenizer)
-  return Loaded(MossAudioModel(config=config.model), params, config, tok, "run")
+  return Loaded(MossAudioModel(config=config.model), params, config, tok)
 
 
 def _load_reference(path: str, mesh) -> Loaded:
@@ -120,7 +119,7 @@ def _load_reference(path: str, mesh) -> Loaded:
       max_audio_seconds=math.inf))
   model, params = hf.load_pretrained(path, mesh=mesh)
   config = ml_collections.ConfigDict({"model": model.config.to_dict(), "data": data.to_dict()})
-  return Loaded(model, params, config, tokenizers.load_tokenizer(data.tokenizer), "reference")
+  return Loaded(model, params, config, tokenizers.load_tokenizer(data.tokenizer))
 
 
 # ----------------------------------------------------------------------------- prompts

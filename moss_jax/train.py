@@ -217,7 +217,7 @@ class Run:
     `python -m moss_jax.evaluate` (prefix + cer / wer / asr_samples)."""
     cfg = self.config
     loaded = generate.Loaded(self.program.model, params, cfg,
-                             tokenizers.load_tokenizer(cfg.data.tokenizer), "run")
+                             tokenizers.load_tokenizer(cfg.data.tokenizer))
     report, records = evaluate.score_manifest(
         loaded, manifest, self.mesh, tasks=("asr",), max_samples=samples,
         batch_size=max(1, cfg.data.batch_size),

@@ -5,11 +5,11 @@ which attends to earlier padding, so it never sees an all-masked row). RoPE posi
 the batch (they restart in every packed segment). The layers receive segment ids, not a mask:
 the attention implementation (model/attention.py, `model.attention`) builds the mask per block.
 
-Generation passes a preallocated `KVCache` (keys and values of every layer, [layers, B, S, kv_heads,
-head_dim]). Prefill (no `decode_index`) attends like training and writes the prompt's keys/values
-at cache columns 0..L-1; a decode step (`decode_index` [B], the cache column of each row's new
-token) writes its key/value there and attends over columns <= that index, so rows of different
-prompt lengths (right-padded, one segment each) decode side by side.
+Generation passes a preallocated `KVCache` (keys and values of every layer, [layers, B, S,
+kv_heads, head_dim]). Prefill (no `decode_index`) attends like training and writes the prompt's
+keys/values at cache columns 0..L-1; a decode step (`decode_index` [B], the cache column of each
+row's new token) writes its key/value there and attends (`layers.attention`) over the columns up
+to it, so rows of different prompt lengths (right-padded, one segment each) decode side by side.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Qwen3Attention(nn.Module):
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
                cache: tuple[Array, Array] | None = None, decode_index: Array | None = None):
     """-> output [B, L, H]; with a layer's cache (k, v [B, S, kv_heads, head_dim]) also the
-    updated cache (see the module docstring). segment_ids is not read by a decode step."""
+    updated cache (see the module docstring; segment_ids are not read in a decode step)."""
     cfg = self.config
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -90,19 +90,22 @@ class Qwen3Attention(nn.Module):
     k = layers.constrain(layers.apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = layers.constrain(v, ("batch", "length", "kv_heads", None))
     o_proj = layers.dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)
-    if decode_index is None:  # training, and prefill: the prompt attends to itself as in training
-      out = attention_lib.segment_causal_attention(
-          q, k, v, segment_ids, scale=hd ** -0.5, implementation=self.attention,
-          block_size=self.attention_block_size)
-    if cache is None:
-      return o_proj(out.reshape(b, l, nq * hd))
-    k_cache = layers.constrain(_write(cache[0], k, decode_index), KV)
-    v_cache = layers.constrain(_write(cache[1], v, decode_index), KV)
-    if decode_index is not None:
-      mask = decode_mask(decode_index, l, k_cache.shape[1])
+    if cache is not None and decode_index is not None:  # one decode step over the cache
+      k_cache = layers.constrain(_write(cache[0], k, decode_index), KV)
+      v_cache = layers.constrain(_write(cache[1], v, decode_index), KV)
       out = layers.attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                             scale=hd ** -0.5, mask=mask)
-    return o_proj(out.reshape(b, l, nq * hd)), (k_cache, v_cache)
+                             scale=hd ** -0.5,
+                             mask=decode_mask(decode_index, l, k_cache.shape[1]))
+      return o_proj(out.reshape(b, l, nq * hd)), (k_cache, v_cache)
+    out = attention_lib.segment_causal_attention(
+        q, k, v, segment_ids, scale=hd ** -0.5, implementation=self.attention,
+        block_size=self.attention_block_size).reshape(b, l, nq * hd)
+    if cache is None:
+      return o_proj(out)
+    # Prefill: attention exactly as in training, the prompt's keys/values into the cache.
+    k_cache = layers.constrain(_write(cache[0], k, None), KV)
+    v_cache = layers.constrain(_write(cache[1], v, None), KV)
+    return o_proj(out), (k_cache, v_cache)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -119,7 +122,8 @@ class Qwen3DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               inject: Array | None, layer_index: Array, cache: tuple[Array, Array] | None = None,
+               inject: Array | None, layer_index: Array,
+               cache: tuple[Array, Array] | None = None,
                decode_index: Array | None = None) -> tuple[Array, Any]:
     """-> (output, this layer's updated cache or None)."""
     cfg = self.config

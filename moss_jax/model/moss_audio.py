@@ -82,22 +82,16 @@ class MossAudioModel(nn.Module):
     inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
     return x, layers.constrain(inject, (None, "batch", "length", "embed"))
 
-  def embed_inputs(self, input_ids: Array, audio_mel: Array | None,
-                   audio_chunk_frames: Array | None, audio_token_index: Array | None
-                   ) -> tuple[Array, Array | None]:
-    """Encoder, adapter and mergers (when there is audio), then `embed_with_audio`."""
-    adapter_out = merger_outs = None
-    if audio_mel is not None:
-      adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
-    return self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
-
   def prefill(self, input_ids: Array, positions: Array, segment_ids: Array, cache: KVCache,
               last_index: Array, audio_mel: Array | None = None,
               audio_chunk_frames: Array | None = None,
               audio_token_index: Array | None = None) -> tuple[Array, KVCache]:
     """Runs the prompts [B, L] (right-padded, one segment per row) and fills cache columns
     0..L-1. -> (float32 logits [B, vocab] at column last_index[b] of each row, cache)."""
-    x, inject = self.embed_inputs(input_ids, audio_mel, audio_chunk_frames, audio_token_index)
+    adapter_out = merger_outs = None
+    if audio_mel is not None:
+      adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
+    x, inject = self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
     hidden, cache = self.language_model(x, positions, segment_ids, inject, cache=cache)
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
     return self.logits(last), cache
@@ -123,7 +117,10 @@ class MossAudioModel(nn.Module):
                     audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
                     audio_token_index: Array | None = None) -> Array:
     """Final hidden states [B, L, H] (after the last RMSNorm), before lm_head."""
-    x, inject = self.embed_inputs(input_ids, audio_mel, audio_chunk_frames, audio_token_index)
+    adapter_out = merger_outs = None
+    if audio_mel is not None:
+      adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
+    x, inject = self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
     return self.language_model(x, positions, segment_ids, inject)
 
   def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
