@@ -67,25 +67,14 @@ class _QuietLibraries(std_logging.Filter):
     return True
 
 
-def _quiet_late_callbacks(hook=sys.excepthook):
-  """An excepthook that drops "Event loop is closed" from TensorStore callbacks.
+def _quiet_late_unraisable(hook=sys.unraisablehook):
+  """An unraisablehook that drops "Event loop is closed" from TensorStore callbacks.
 
   When an Orbax save or restore fails, Orbax closes its asyncio loop while TensorStore still has
   reads or writes in flight; each one that completes later calls back into the closed loop and
-  TensorStore prints the RuntimeError through sys.excepthook (hundreds during a restore
+  the RuntimeError is reported as unraisable (a bare traceback; hundreds during a restore
   fallback). The failure itself has been reported already; these carry nothing.
   """
-
-  def excepthook(kind, value, tb):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    hook(kind, value, tb)
-
-  return excepthook
-
-
-def _quiet_late_unraisable(hook=sys.unraisablehook):
-  """The same for TensorStore's callbacks that report through PyErr_WriteUnraisable."""
 
   def unraisablehook(unraisable):
     if (unraisable.exc_type is RuntimeError and
@@ -101,7 +90,6 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
 
   def wrapped(argv: Sequence[str]) -> int | None:
     setup_logging()
-    sys.excepthook = _quiet_late_callbacks()
     sys.unraisablehook = _quiet_late_unraisable()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
