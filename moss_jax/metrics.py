@@ -166,7 +166,7 @@ class MetricWriter:
     if not self.enabled:
       return
     path = self._jsonl.path
-    self._jsonl.close()
+    self._jsonl.flush()
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
     kept = []
     for line in lines:
@@ -176,13 +176,15 @@ class MetricWriter:
       except (ValueError, KeyError, TypeError):
         continue  # a line cut short by the kill
       kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
-      if paths.is_uri(path):
-        path.write_text("".join(kept))  # an object is replaced whole anyway
-      else:
-        tmp = path.parent / (path.name + ".tmp")  # no half-written file if killed now
-        tmp.write_text("".join(kept))
-        tmp.rename(path)
+    if len(kept) == len(lines):
+      return
+    self._jsonl.close()
+    if paths.is_uri(path):
+      path.write_text("".join(kept))  # an object is replaced whole anyway
+    else:
+      tmp = path.parent / (path.name + ".tmp")  # no half-written file if killed now
+      tmp.write_text("".join(kept))
+      tmp.replace(path)
     self._jsonl = paths.AppendFile(path)
 
   def close(self) -> None:
