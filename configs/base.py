@@ -77,6 +77,23 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master weights
   c.scan_layers = True
   c.remat_policy = "none"  # none | full | dots | dots_no_batch
+  c.lora = lora_config()
+  return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+  """LoRA adapters (moss_jax/model/lora.py); rank 0 = none. configs/sft.py:*lora turns them on.
+
+  targets: comma-separated aliases (llm, llm_attention, llm_mlp, adapter, mergers,
+  encoder_attention, encoder_qkv, encoder_mlp, lm_head) or regexes over module paths.
+  scale = alpha / rank, or alpha / sqrt(rank) with rslora.
+  """
+  c = ml_collections.ConfigDict()
+  c.rank = 0
+  c.alpha = 16.0
+  c.dropout = 0.0
+  c.rslora = False
+  c.targets = "llm"
   return c
 
 

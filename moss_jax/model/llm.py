@@ -100,7 +100,9 @@ class Qwen3Model(nn.Module):
     layer_cls = layers.maybe_remat(Qwen3DecoderLayer, self.remat_policy, scanned=self.scan_layers)
     kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      # Dropout keys split per layer too (LoRA dropout), so layers draw different masks.
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                         length=cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
