@@ -223,13 +223,23 @@ def merge(params: Mapping, spec: LoraSpec) -> dict:
   return walk(params)
 
 
+def merge_adapters(params: Mapping, model_config) -> dict:
+  """`params` with config.model.lora's adapters folded into the kernels (unchanged when the tree
+  has none): the tree to export in the reference format, for a model of base_model_config."""
+  if not has_adapters(params):
+    return dict(params)
+  spec = spec_from_config(model_config)
+  if spec is None:
+    raise LoraError("the parameter tree has LoRA adapters but model.lora.rank is 0: pass the "
+                    "config the run trained with")
+  return merge(params, spec)
+
+
 def base_model_config(model_config):
   """A copy of config.model with LoRA switched off (the model a merged tree belongs to)."""
-  config = model_config.copy_and_resolve_references() if hasattr(
-      model_config, "copy_and_resolve_references") else model_config
+  config = model_config.copy_and_resolve_references()
   if "lora" in config:
-    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
-      config.lora.rank = 0
+    config.lora.rank = 0
   return config
 
 
