@@ -1,100 +1,25 @@
-"""Model shapes and the config sections every recipe shares (pretrain.py and sft.py build on these)."""
+"""The config sections every recipe shares (pretrain.py and sft.py build on these).
+
+The model's schema, defaults and reference sizes are the library's (moss_jax/model_config.py);
+a recipe only picks a size and adjusts what it needs.
+"""
 
 from __future__ import annotations
 
 import ml_collections
 
-# Reference special ids for the Qwen3 tokenizer (spec section 5.1).
-QWEN3_SPECIAL_IDS = dict(
-    audio_token_id=151654, audio_bos_id=151669, audio_eos_id=151670,
-    im_start_id=151644, im_end_id=151645, pad_id=151643)
+from moss_jax import model_config as model_config_lib
 
-
-def audio_encoder_config(size: str) -> ml_collections.ConfigDict:
-  """The audio encoder: reference shapes for '4b'/'8b' (same encoder), tiny for 'demo'/'tiny'."""
-  c = ml_collections.ConfigDict()
-  c.num_mel_bins = 128
-  c.chunk_frames = 400  # 2 * n_window; chunks are encoded independently
-  c.layer_norm_eps = 1e-5
-  c.mel_dtype = "bfloat16"  # the reference processor rounds the mel to bf16 before the stem
-  if size in ("4b", "8b"):
-    c.d_model = 1280
-    c.encoder_layers = 32
-    c.encoder_attention_heads = 20
-    c.encoder_ffn_dim = 5120
-    c.downsample_hidden_size = 480
-    c.deepstack_encoder_layer_indexes = (8, 16, 24)
-  elif size in ("demo", "tiny"):
-    c.d_model = 96
-    c.encoder_layers = 4
-    c.encoder_attention_heads = 4
-    c.encoder_ffn_dim = 256
-    c.downsample_hidden_size = 32
-    c.deepstack_encoder_layer_indexes = (1, 2)
-    if size == "demo":
-      c.downsample_hidden_size = 16  # the conv stem dominates a CPU step; the demo must be quick
-  else:
-    raise ValueError(f"unknown model size {size!r}")
-  return c
-
-
-def text_config(size: str) -> ml_collections.ConfigDict:
-  """The Qwen3 language model."""
-  c = ml_collections.ConfigDict()
-  c.rope_theta = 1_000_000.0
-  c.rms_norm_eps = 1e-6
-  c.max_position_embeddings = 40960
-  if size in ("4b", "8b"):
-    c.vocab_size = 151936
-    c.hidden_size = 2560 if size == "4b" else 4096
-    c.intermediate_size = 9728 if size == "4b" else 12288
-    c.num_hidden_layers = 36
-    c.num_attention_heads = 32
-    c.num_key_value_heads = 8
-    c.head_dim = 128
-  elif size in ("demo", "tiny"):
-    c.vocab_size = 512
-    c.hidden_size = 128
-    c.intermediate_size = 384
-    c.num_hidden_layers = 4
-    c.num_attention_heads = 4
-    c.num_key_value_heads = 2
-    c.head_dim = 32
-    c.max_position_embeddings = 4096
-  else:
-    raise ValueError(f"unknown model size {size!r}")
-  return c
+QWEN3_SPECIAL_IDS = model_config_lib.QWEN3_SPECIAL_IDS
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
-  """The whole MOSS-Audio model: encoder, adapter + DeepStack mergers, Qwen3 LLM."""
-  c = ml_collections.ConfigDict()
-  c.audio = audio_encoder_config(size)
-  c.text = text_config(size)
-  c.adapter_hidden_size = 8192 if size in ("4b", "8b") else 256
-  c.deepstack_num_inject_layers = 3
-  c.dtype = "bfloat16" if size in ("4b", "8b") else "float32"  # activation / compute dtype
-  c.param_dtype = "float32"  # master weights
-  c.scan_layers = True
-  c.remat_policy = "none"  # none | full | dots | dots_no_batch
-  c.lora = lora_config()
-  return c
-
-
-def lora_config() -> ml_collections.ConfigDict:
-  """LoRA adapters (moss_jax/model/lora.py); rank 0 = none. configs/sft.py:*lora turns them on.
-
-  targets: comma-separated aliases (llm, llm_attention, llm_mlp, adapter, mergers,
-  encoder_attention, encoder_qkv, encoder_mlp, lm_head) or regexes over module paths.
-  scale = alpha / rank, or alpha / sqrt(rank) with rslora.
-  """
-  c = ml_collections.ConfigDict()
-  c.rank = 0
-  c.alpha = 16.0
-  c.dropout = 0.0
-  c.rslora = False
-  c.targets = "llm"
-  return c
+  """config.model: the reference '4b' / '8b' shapes, 'tiny', or 'demo' (tiny, made quicker)."""
+  if size == "demo":
+    c = model_config_lib.sized("tiny")
+    c.audio.downsample_hidden_size = 16  # the conv stem dominates a CPU step; the demo must be quick
+    return c
+  return model_config_lib.sized(size)
 
 
 def mesh_config() -> ml_collections.ConfigDict:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Sequence
+
+from absl import flags
 
 from data_pipelines import templates
 from data_pipelines.manifest import Segment
+from moss_jax import cli
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_corpus")
 WORD_QUESTION = templates.DEFAULT_QUESTIONS["asr_timestamps_word"]
@@ -70,20 +71,29 @@ def records(split: str = "train") -> list[dict]:
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="output JSONL path")
-  parser.add_argument("--split", default="train", choices=("train", "eval"))
-  args = parser.parse_args(argv)
-  recs = records(args.split)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
+def write(out: str, split: str = "train") -> int:
+  """Writes the chat records of `split` to `out`; returns how many."""
+  recs = records(split)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
     for r in recs:
       f.write(json.dumps(r) + "\n")
-  print(f"wrote {len(recs)} chat records to {args.out}")
-  return 0
+  return len(recs)
+
+
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command (tests import this module)."""
+  flags.DEFINE_string("out", None, "Output JSONL path.")
+  flags.DEFINE_enum("split", "train", ["train", "eval"], "Corpus split whose speech clips are used.")
+
+
+def main(argv) -> None:
+  del argv  # cli.run rejects stray arguments
+  cli.require("out")
+  n = write(flags.FLAGS.out, flags.FLAGS.split)
+  print(f"wrote {n} chat records to {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

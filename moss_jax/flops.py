@@ -20,7 +20,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+import jax.numpy as jnp
+
 from moss_jax import batch as batch_lib
+from moss_jax.model_config import num_mergers
 
 # Parameter groups, in the order data flows through them.
 ENCODER, ADAPTER, LLM = "encoder", "adapter", "llm"
@@ -30,6 +34,7 @@ STAGE_GROUPS = {
     "adapter": (ADAPTER,),
     "full": (ENCODER, ADAPTER, LLM),
     "encoder_frozen": (ADAPTER, LLM),
+    "lora": (),  # no base weight is trained; gradients flow from the adapted groups (lora_groups)
 }
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor figures, no sparsity).
@@ -56,8 +61,11 @@ class Product:
   upstream: tuple[str, ...]  # groups whose parameters the product's activation input depends on
   weight: bool = True  # False: both operands are activations (attention)
 
-  def backward(self, trained: tuple[str, ...]) -> float:
-    grad_flows = any(g in trained for g in self.upstream)
+  def backward(self, trained: tuple[str, ...], grads_from: tuple[str, ...] | None = None) -> float:
+    """`grads_from`: groups whose parameters get gradients (default `trained`); LoRA trains
+    adapters inside groups whose base weights stay frozen."""
+    grads_from = trained if grads_from is None else grads_from
+    grad_flows = any(g in grads_from for g in self.upstream)
     if not self.weight:
       return 2 * self.flops if grad_flows else 0.0
     return self.flops * ((self.owner in trained) + grad_flows)
@@ -91,11 +99,6 @@ def encoder_products(audio, num_chunks: int, chunk_frames: int = batch_lib.CHUNK
   ]
 
 
-def num_mergers(model_config) -> int:
-  return min(len(model_config.audio.deepstack_encoder_layer_indexes),
-             model_config.deepstack_num_inject_layers)
-
-
 def adapter_products(model_config, num_audio_tokens: int):
   """The adapter and every DeepStack merger, each a SwiGLU MLP over all encoder tokens."""
   d, a = model_config.audio.d_model, model_config.adapter_hidden_size
@@ -126,10 +129,28 @@ def llm_products(text, batch_size: int, seq_len: int, causal_factor: float = 0.5
 def model_products(model_config, batch_size: int, max_tokens: int, max_audio_chunks: int,
                    causal_factor: float = 0.5):
   chunks = batch_size * max_audio_chunks
-  tokens_per_chunk = batch_lib.num_audio_tokens(batch_lib.CHUNK_FRAMES)
+  tokens_per_chunk = batch_lib.TOKENS_PER_CHUNK
   return (encoder_products(model_config.audio, chunks)
           + adapter_products(model_config, chunks * tokens_per_chunk)
           + llm_products(model_config.text, batch_size, max_tokens, causal_factor))
+
+
+def lora_groups(model_config) -> tuple[str, ...]:
+  """Groups holding LoRA adapters, read from config.model.lora.targets (aliases or path regexes).
+
+  The adapters' own products (rank r, tiny next to the base) are not counted.
+  """
+  c = model_config.get("lora") if hasattr(model_config, "get") else None
+  if c is None or not c.get("rank", 0):
+    return ()
+  text = str(c.get("targets", ""))
+  found = []
+  for group, words in ((ENCODER, ("encoder", "audio_encoder")),
+                       (ADAPTER, ("adapter", "merger")),
+                       (LLM, ("llm", "language_model", "lm_head"))):
+    if any(w in text for w in words):
+      found.append(group)
+  return tuple(found)
 
 
 def step_flops(model_config, batch_size: int, max_tokens: int, max_audio_chunks: int,
@@ -138,14 +159,16 @@ def step_flops(model_config, batch_size: int, max_tokens: int, max_audio_chunks:
   if stage not in STAGE_GROUPS:
     raise ValueError(f"unknown training stage {stage!r}")
   trained = STAGE_GROUPS[stage] if train else ()
+  adapted = lora_groups(model_config) if train else ()
+  grads_from = tuple(set(trained) | set(adapted))
   prods = model_products(model_config, batch_size, max_tokens, max_audio_chunks, causal_factor)
   fwd = sum(p.flops for p in prods)
-  bwd = sum(p.backward(trained) for p in prods)
+  bwd = sum(p.backward(trained, grads_from) for p in prods)
   return {
       "forward": fwd,
       "backward": bwd,
       "total": fwd + bwd,
-      "by_product": {p.name: p.flops + p.backward(trained) for p in prods},
+      "by_product": {p.name: p.flops + p.backward(trained, grads_from) for p in prods},
   }
 
 
@@ -158,8 +181,6 @@ def config_step_flops(config, causal_factor: float = 0.5) -> float:
 def measure_matmul_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5,
                         device=None) -> float:
   """Measured FLOP/s of an n x n matmul on one device (best of `repeats`); the CPU's own peak."""
-  import jax
-  import jax.numpy as jnp
   device = device or jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x: x @ x)
@@ -179,7 +200,6 @@ def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
   forced host "devices" share the same cores, so the figure is one measured f32 matmul per
   process (it already uses every core), times the process count.
   """
-  import jax
   devices = jax.devices()
   if override_per_device and override_per_device > 0:
     return float(override_per_device) * len(devices), "config"

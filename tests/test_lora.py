@@ -22,7 +22,8 @@ from moss_jax import config_validation, hf, optim
 from moss_jax import train_step as ts
 from moss_jax.hf import mapping
 from moss_jax.hf import peft as peft_io
-from moss_jax.model import MossAudioModel, init_params, lora, param_logical_axes
+from moss_jax.model import (MossAudioModel, abstract_params, init_params, lora,
+                            param_logical_axes)
 from moss_jax.sharding import make_mesh
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -91,7 +92,7 @@ def adapted(reference):
   _, _, model, params, inputs = reference
   cfg = with_lora(model.config)
   lora_model = MossAudioModel(cfg)
-  full = randomize_b(lora.init_adapters(params, cfg, jax.random.key(1)))
+  full = randomize_b(lora.init_adapters(params, abstract_params(cfg), jax.random.key(1)))
   return lora_model, full, jax_logits(lora_model, full, inputs)
 
 
@@ -100,7 +101,7 @@ def test_zero_b_gives_the_base_logits_exactly(reference, scan):
   _, path, _, _, inputs = reference
   model, params = hf.load_pretrained(path, config_overrides={"scan_layers": scan})
   cfg = with_lora(model.config)
-  full = lora.init_adapters(params, cfg, jax.random.key(3))
+  full = lora.init_adapters(params, abstract_params(cfg), jax.random.key(3))
   modules = lora.adapter_modules(full)
   # 7 LLM and 6 encoder projections per layer stack (or per layer of 4), 3 adapter, 3 x 3 mergers.
   assert len(modules) == (7 + 6) * (1 if scan else 4) + 3 + 9

@@ -30,12 +30,17 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import flags
 
-from moss_jax.hf import config_io, mapping
+from moss_jax import checkpoint, cli, sharding
+from moss_jax.errors import UserError
+from moss_jax.hf import config_io, io, mapping
 from moss_jax.hf.safetensors_file import SafetensorsFile, write_file
-from moss_jax.model import lora
+from moss_jax.model import MossAudioModel, abstract_params, lora, param_shardings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -222,13 +227,6 @@ def _copy_tree(tree: Mapping) -> dict:
 def main(argv) -> int:
   """Adapter (and optionally merged weights) of a LoRA training run's newest checkpoint."""
   del argv
-  import ml_collections
-  from absl import flags
-  from moss_jax import checkpoint, cli, hf
-  from moss_jax import train_step as ts
-  from moss_jax.errors import UserError
-  from moss_jax.model import MossAudioModel
-  from moss_jax.sharding import make_mesh
   f = flags.FLAGS
   cli.require("workdir", "out")
   config_path = os.path.join(f.workdir, "config.json")
@@ -238,8 +236,9 @@ def main(argv) -> int:
     config = ml_collections.ConfigDict(json.load(fh))
   if lora.spec_from_config(config.model) is None:
     raise UserError(f"the run in {f.workdir} has no LoRA adapters (model.lora.rank is 0)")
-  mesh = make_mesh(ml_collections.ConfigDict({"shape": (1, -1, 1)}))
-  abstract = ts.abstract_params_with_shardings(config.model, mesh)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"shape": (1, -1, 1)}))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(config.model), param_shardings(config.model, mesh))
   try:
     params = checkpoint.restore_params(os.path.join(f.workdir, "checkpoints"), abstract,
                                        step=f.step)
@@ -252,13 +251,12 @@ def main(argv) -> int:
   if f.merged_out:
     base_config = lora.base_model_config(config.model)
     merged = lora.merge_adapters(params, config.model)
-    files = hf.save_pretrained(f.merged_out, MossAudioModel(base_config), merged, dtype=dtype)
+    files = io.save_pretrained(f.merged_out, MossAudioModel(base_config), merged, dtype=dtype)
     print(f"wrote the merged model to {f.merged_out} ({', '.join(files)})")
   return 0
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("workdir", None, "LoRA training run directory (config.json, checkpoints/).")
   flags.DEFINE_string("out", None, "Output directory for the PEFT adapter.")
   flags.DEFINE_string("merged_out", "", "Also write merged weights in the reference format here.")
@@ -267,6 +265,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from moss_jax import cli
   _define_flags()
   cli.run(main)

@@ -243,19 +243,19 @@ def base_model_config(model_config):
   return config
 
 
-def init_adapters(params: Mapping, model_config, rng: jax.Array, shardings: PyTree = None
-                  ) -> dict:
-  """`params` (a base tree) plus fresh adapters for config.model.lora: A as PEFT inits it, B = 0.
+def init_adapters(params: Mapping, abstract: PyTree, rng: jax.Array) -> dict:
+  """`params` (a base tree) plus fresh adapters: A as PEFT inits it, B = 0.
 
-  `shardings` (the full tree's NamedShardings, e.g. from sharding.param_shardings) places the
-  new leaves; without it they land on the default device.
+  `abstract` is the full tree of the LoRA model as jax.ShapeDtypeStruct (params.abstract_params
+  of a config with model.lora on); leaves carrying a sharding are created in it.
   """
-  from moss_jax.model import params as params_lib  # params imports the model, which imports us
-  _, abstract = split(params_lib.abstract_params(model_config))
-  if not abstract:
+  _, adapters_abs = split(abstract)
+  if not adapters_abs:
     raise LoraError("config.model.lora targets no dense layer of this model")
-  _, adapter_sh = split(shardings) if shardings is not None else (None, None)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(adapters_abs)
+  shardings = [leaf.sharding for _, leaf in flat]
+  out_sh = (jax.tree_util.tree_unflatten(treedef, shardings)
+            if all(s is not None for s in shardings) else None)
 
   def make(key):
     keys = jax.random.split(key, len(flat))
@@ -266,7 +266,7 @@ def init_adapters(params: Mapping, model_config, rng: jax.Array, shardings: PyTr
                     else jnp.zeros(leaf.shape, leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
-  adapters = jax.jit(make, out_shardings=adapter_sh)(rng)
+  adapters = jax.jit(make, out_shardings=out_sh)(rng)
   return _union(params, adapters)
 
 
