@@ -23,8 +23,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  """Mesh shape over (data, fsdp, tensor); -1 takes the devices left over."""
+  """Mesh shape over (data, fsdp, tensor) (moss_jax/sharding.py MESH_AXES); -1 takes the devices
+  left over."""
   c = ml_collections.ConfigDict()
   c.shape = (1, -1, 1)
-  c.axis_names = ("data", "fsdp", "tensor")
   return c

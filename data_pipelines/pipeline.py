@@ -65,7 +65,7 @@ def attach_features(encoded: templates.EncodedSample, waveforms: Sequence[np.nda
     parts = [features.mel_chunks(features.log_mel(w)) for w in waveforms]
     empty = (0, batch_lib.NUM_MEL_BINS, batch_lib.CHUNK_FRAMES)
   else:
-    raise ValueError(f"feature_mode must be 'waveform' or 'mel', got {feature_mode!r}")
+    raise ValueError(f"feature_mode must be one of {batch_lib.FEATURE_MODES}, got {feature_mode!r}")
   feats = np.concatenate(parts) if parts else np.zeros(empty, np.float32)
   if feats.shape[0] != encoded.num_chunks:
     raise AssertionError(f"{feats.shape[0]} feature chunks for {encoded.num_chunks} chunk slots "

@@ -47,6 +47,7 @@ STFT_CONTEXT = N_FFT // 2  # 200 samples of reflect/real context before each fra
 WAVEFORM_CHUNK_SAMPLES = (CHUNK_FRAMES - 1) * HOP_LENGTH + N_FFT  # 64240
 IGNORE_INDEX = -100
 
+FEATURE_MODES = ("waveform", "mel")  # mel on the accelerator | NumPy mel on the host
 TASKS = ("asr", "asr_timestamps", "caption", "qa", "text")
 
 TOKEN_FIELDS = ("input_ids", "labels", "segment_ids", "positions", "task_ids", "audio_token_index")
@@ -85,7 +86,7 @@ def batch_shapes(batch_size: int, max_tokens: int, max_audio_chunks: int,
   elif feature_mode == "mel":
     shapes["audio_mel"] = ((b, c, NUM_MEL_BINS, CHUNK_FRAMES), np.dtype(np.float32))
   else:
-    raise ValueError(f"feature_mode must be 'waveform' or 'mel', got {feature_mode!r}")
+    raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {feature_mode!r}")
   return shapes
 
 

@@ -94,8 +94,9 @@ def _check_data(data, rows_per_shard_divisor: int, process_count: int, grad_accu
     problems.append(f"data.max_tokens must be at least 2, got {data.max_tokens}")
   if data.max_audio_chunks < 1:
     problems.append(f"data.max_audio_chunks must be at least 1, got {data.max_audio_chunks}")
-  if data.feature_mode not in ("waveform", "mel"):
-    problems.append(f"data.feature_mode={data.feature_mode!r}: choose 'waveform' or 'mel'")
+  if data.feature_mode not in batch_lib.FEATURE_MODES:
+    problems.append(f"data.feature_mode={data.feature_mode!r}: choose one of "
+                    f"{batch_lib.FEATURE_MODES}")
   if data.max_audio_seconds > data.max_audio_chunks * batch_lib.CHUNK_FRAMES / 100.0:
     # Not fatal: longer clips are skipped as does_not_fit instead of too_long.
     logging.warning("data.max_audio_seconds (%s) exceeds what data.max_audio_chunks (%d) x 4 s "

@@ -72,7 +72,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over (data, fsdp, tensor) from config.mesh.shape (-1 = the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  names = tuple(mesh_config.get("axis_names", MESH_AXES))
+  names = MESH_AXES  # the logical rules above name these axes
   shape = mesh_shape(mesh_config.shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(shape)
   try:

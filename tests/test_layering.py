@@ -23,12 +23,13 @@ PACKAGES = ("moss_jax", "data_pipelines", "configs")
 # whose prefixes it equals or lies under. moss_jax modules not named here are programs (top).
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("moss_jax.__init__", "moss_jax.errors", "moss_jax.progress", "moss_jax.cli",
-             "moss_jax.batch", "moss_jax.mel_frontend", "moss_jax.model_config"),
+             "moss_jax.batch", "moss_jax.mel_frontend", "moss_jax.model_config",
+             "moss_jax.paths"),
     "data": ("data_pipelines",),
     "recipes": ("configs",),
     "runtime": ("moss_jax.sharding", "moss_jax.optim", "moss_jax.flops", "moss_jax.metrics",
                 "moss_jax.distributed", "moss_jax.checkpoint"),
-    "model": ("moss_jax.model",),
+    "model": ("moss_jax.model", "moss_jax.decoding"),  # decoding: the model's KV-cache loop
     "hf": ("moss_jax.hf",),
     "programs": ("moss_jax",),
 }
