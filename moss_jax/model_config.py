@@ -10,7 +10,8 @@ Fields:
             downsampling are architecture constants in moss_jax/batch.py, not config fields
   text.*    the Qwen3 language model (spec 4)
   adapter_hidden_size, deepstack_num_inject_layers   adapter and DeepStack mergers (spec 3)
-  dtype, param_dtype, scan_layers, remat_policy   how it runs (not part of the checkpoint)
+  dtype, param_dtype, scan_layers, remat_policy, attention, attention_block_size,
+  loss_vocab_block, loss_chunk_size   how it runs (not part of the checkpoint)
   lora.*    LoRA adapters on dense layers (rank 0 = off); not part of the reference checkpoint
 """
 
@@ -50,6 +51,15 @@ DEFAULTS = dict(
     param_dtype="float32",  # master weights
     scan_layers=True,
     remat_policy="none",  # one of moss_jax/model/layers.py REMAT_POLICY_NAMES
+    # LLM attention (moss_jax/model/attention.py): auto | xla | blockwise | cudnn | splash. auto =
+    # splash on TPU, cudnn on GPU (bf16), blockwise elsewhere; xla is the reference einsum path.
+    attention="auto",
+    attention_block_size=512,  # query/key block of blockwise and splash attention
+    # The loss fuses lm_head into a cross-entropy over vocabulary blocks of about
+    # loss_vocab_block columns, so [B, L, vocab] float32 logits never exist; loss_chunk_size > 0
+    # also cuts rows into token chunks of that many positions (0 = whole rows).
+    loss_vocab_block=16384,
+    loss_chunk_size=0,
     # LoRA adapters (moss_jax/model/lora.py); rank 0 = none; configs/sft.py:*lora turns them on.
     # targets: comma-separated aliases (llm, llm_attention, llm_mlp, adapter, mergers,
     # encoder_attention, encoder_qkv, encoder_mlp, lm_head) or regexes over module paths;

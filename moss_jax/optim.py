@@ -201,17 +201,20 @@ def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransform
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_config) -> optax.GradientTransformation:
+def make_optimizer(optim_config, clip: bool = True) -> optax.GradientTransformation:
   """AdamW without the learning rate: clip -> Adam moments -> decoupled weight decay -> per-module
   multipliers.
 
   The caller multiplies the result by -lr(step) (see `apply_lr`); together this is optax's AdamW
   (`scale_by_adam`, `add_decayed_weights`, `scale_by_learning_rate`) with the clip in front and
   one learning rate per module group (optim.lr_multipliers).
+  `clip=False` leaves the clip to the caller (the train step clips with the norm it computes
+  anyway, which saves XLA a gradient-sized buffer); the state has the same structure either way.
   """
   parts = []
   if optim_config.clip_norm and optim_config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)))
+    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)) if clip
+                 else optax.identity())
   parts.append(optax.scale_by_adam(b1=float(optim_config.b1), b2=float(optim_config.b2),
                                    eps=float(optim_config.eps)))
   if optim_config.weight_decay:

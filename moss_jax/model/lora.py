@@ -223,6 +223,19 @@ def merge(params: Mapping, spec: LoraSpec) -> dict:
   return walk(params)
 
 
+def merged_kernel(module: Mapping, spec: LoraSpec | None) -> jax.Array:
+  """A Dense module's kernel with its adapter folded in (kernel + scale * A @ B, differentiable
+  in A and B), or the kernel itself when it has none: for code that reads a kernel directly (the
+  fused lm_head loss) instead of applying the module."""
+  if LORA_A not in module:
+    return module["kernel"]
+  if spec is None:
+    raise LoraError("a kernel has LoRA adapters but the model config has no LoRA spec")
+  kernel = module["kernel"]
+  delta = jnp.matmul(module[LORA_A].astype(jnp.float32), module[LORA_B].astype(jnp.float32))
+  return (kernel.astype(jnp.float32) + spec.scale * delta).astype(kernel.dtype)
+
+
 def merge_adapters(params: Mapping, model_config) -> dict:
   """`params` with config.model.lora's adapters folded into the kernels (unchanged when the tree
   has none): the tree to export in the reference format, for a model of base_model_config."""
