@@ -253,7 +253,7 @@ def test_a_lora_train_step_changes_only_adapters():
   optimizer = optim.make_optimizer(config.optim)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   forward = jax.jit(ts.make_forward(model, config.model))
-  step = jax.jit(ts.make_train_step(forward, optimizer, schedule,
+  step = jax.jit(ts.make_train_step(ts.make_stats_fn(model, config.model), optimizer, schedule,
                                     dropout_seed=ts.dropout_seed(config)))
   params = init_params(config.model, jax.random.key(0))
   state = ts.create_state(params, optimizer, "lora")
@@ -308,3 +308,22 @@ def test_module_lr_multipliers_and_decay_mask():
   plain = pretrain.get_config("demo").optim
   assert (len(jax.tree.leaves(optim.make_optimizer(plain).init(params)))
           == len(jax.tree.leaves(state)))
+
+
+def test_the_fused_loss_sees_an_lm_head_adapter():
+  """The loss applies lm_head's kernel itself (vocabulary blocks): an adapter there enters it."""
+  config = small_config()
+  config.model.lora.targets = "lm_head,llm_attention"
+  model = MossAudioModel(config.model)
+  params = randomize_b(init_params(config.model, jax.random.key(0)), scale=0.5)
+  assert lora.LORA_B in params["lm_head"]
+  batch = ts.synthetic_batch(config, 1)
+  fused = jax.jit(ts.make_stats_fn(model, config.model))(params, batch)
+  logits = jax.jit(ts.make_forward(model, config.model))(params, batch)
+  plain = ts.token_stats(logits, batch["labels"], batch["task_ids"])
+  np.testing.assert_allclose(float(fused["ce_sum"]), float(plain["ce_sum"]), rtol=1e-5)
+  base = dict(params, lm_head={"kernel": params["lm_head"]["kernel"]})
+  cfg = config.model.copy_and_resolve_references()
+  cfg.lora.targets = "llm_attention"
+  without = jax.jit(ts.make_stats_fn(MossAudioModel(cfg), cfg))(base, batch)
+  assert abs(float(without["ce_sum"]) - float(fused["ce_sum"])) > 1e-3
