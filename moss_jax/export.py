@@ -51,7 +51,7 @@ from ml_collections import config_flags
 
 from configs import pretrain
 from data_pipelines import tokenizers
-from moss_jax import checkpoint, cli, hf, optim, progress
+from moss_jax import checkpoint, cli, hf, optim, paths, progress
 from moss_jax.errors import UserError
 from moss_jax.hf import config_io, io, mapping
 
@@ -329,14 +329,17 @@ class _Staging:
       if old is not None:
         shutil.rmtree(old)
       return
-    # Remote (gs://): no atomic rename; upload the weights first and config.json last, so a
-    # directory without config.json is visibly incomplete.
+    # Remote (gs://): no atomic rename; upload everything else first and the top-level
+    # config.json last, so a directory without config.json is visibly incomplete.
     if self.out.exists():
       self.out.rmtree()
-    self.out.mkdir(parents=True, exist_ok=True)
-    names = sorted((p.name for p in self.path.iterdir()), key=lambda n: n == "config.json")
-    for name in names:
-      (self.path / name).copy(self.out / name)
+    files = [os.path.relpath(os.path.join(root, n), self.path)
+             for root, _, names in os.walk(self.path) for n in names]
+    for rel in sorted(files, key=lambda r: r == "config.json"):
+      dest = self.out / rel
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      with open(self.path / rel, "rb") as src, dest.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)  # streamed: a shard may exceed the memory
     shutil.rmtree(self.path)
 
   def abort(self) -> None:
@@ -344,12 +347,12 @@ class _Staging:
 
 
 def _is_local(path) -> bool:
-  return "://" not in os.fspath(path)
+  return not paths.is_uri(path)
 
 
 def _absolute(path) -> epath.Path:
   """Orbax wants absolute paths; gs:// ones already are."""
-  return epath.Path(os.path.abspath(path) if _is_local(path) else path)
+  return paths.run_path(path)
 
 
 def _fsync(path: epath.Path) -> None:

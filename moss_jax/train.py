@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
 from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
-from moss_jax import flops, hf, metrics, paths, progress, sharding
+from moss_jax import flops, generate, hf, metrics, paths, progress, sharding
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -217,19 +217,11 @@ class Run:
       batches.close()
       n = cfg.train.asr_eval_samples
       if n:
-        asr = evaluate.asr_eval(self.program.model, params, cfg, cfg.data.eval_manifest, n,
-                                self.mesh, cfg.train.generate_max_tokens)
-        out.update(cer=asr["cer"], wer=asr["wer"], asr_samples=asr["num_samples"])
-        for ex in asr["examples"][:3]:
-          self.writer.console(f"  eval ref: {ex['reference']!r}\n  eval hyp: {ex['hypothesis']!r}")
+        out.update(self._asr_scores(params, cfg.data.eval_manifest, n, "", "eval"))
     if final and cfg.train.final_train_asr_samples:
       manifest = cfg.data.train_manifests.split(",")[0]
-      asr = evaluate.asr_eval(self.program.model, params, cfg, manifest,
-                              cfg.train.final_train_asr_samples, self.mesh,
-                              cfg.train.generate_max_tokens)
-      out.update(train_cer=asr["cer"], train_wer=asr["wer"], train_asr_samples=asr["num_samples"])
-      for ex in asr["examples"][:3]:
-        self.writer.console(f"  train ref: {ex['reference']!r}\n  train hyp: {ex['hypothesis']!r}")
+      out.update(self._asr_scores(params, manifest, cfg.train.final_train_asr_samples, "train_",
+                                  "train"))
     if out:
       scalars = {k: v for k, v in out.items() if isinstance(v, (int, float))}
       self.writer.write(step, "eval", scalars)
@@ -237,6 +229,23 @@ class Run:
           f"{k} {v:.4f}" for k, v in scalars.items() if k == "loss" or "cer" in k or "wer" in k
           or k.startswith("loss/")))
     return out
+
+  def _asr_scores(self, params, manifest: str, samples: int, prefix: str,
+                  label: str) -> dict[str, Any]:
+    """Greedy ASR of the first `samples` asr records of `manifest`, scored by the same code as
+    `python -m moss_jax.evaluate` (prefix + cer / wer / asr_samples)."""
+    cfg = self.config
+    loaded = generate.Loaded(self.program.model, params, cfg,
+                             tokenizers.load_tokenizer(cfg.data.tokenizer))
+    report, records = evaluate.score_manifest(
+        loaded, manifest, self.mesh, tasks=("asr",), max_samples=samples,
+        batch_size=max(1, cfg.data.batch_size),
+        max_new_tokens=cfg.train.generate_max_tokens)
+    asr = report["tasks"].get("asr", {"samples": 0, "cer": float("nan"), "wer": float("nan")})
+    for rec in [r for r in records if r.error is None][:3]:
+      self.writer.console(f"  {label} ref: {rec.reference!r}\n  {label} hyp: {rec.hypothesis!r}")
+    return {f"{prefix}cer": asr["cer"], f"{prefix}wer": asr["wer"],
+            f"{prefix}asr_samples": asr["samples"]}
 
   # -- loop
 

@@ -725,7 +725,6 @@ def dropout_seed(config) -> int | None:
 def build_program(config, mesh) -> Program:
   """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
   model = model_lib.MossAudioModel(config=config.model)
-  forward = make_forward(model, config.model)
   # The step clips with the gradient norm it computes anyway (see make_optimizer).
   optimizer = optim.make_optimizer(config.optim, clip=False)
   schedule = optim.make_schedule(config.optim, config.train.steps)

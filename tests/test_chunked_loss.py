@@ -85,7 +85,7 @@ def test_program_steps_use_chunked_loss_equal_to_full_logits():
   params = ts.full_params(state)
   got = jax.device_get(prog.evaluate(params, batch))
   with sharding.use_mesh(prog.mesh):
-    logits = prog.forward(params, batch)
+    logits = jax.jit(ts.make_forward(prog.model, c.model))(params, batch)
   want = jax.device_get(ts.token_stats(logits, batch["labels"], batch["task_ids"], 1e-3))
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -28,8 +28,9 @@ def test_watchdog_logs_every_thread_when_a_step_stalls():
     for step in range(1, 7):  # steady 20 ms steps
       dog.beat(step)
       time.sleep(0.02)
-    assert not messages and dog.limit() == pytest.approx(0.2)
-    time.sleep(0.6)  # step 7 stalls
+    limit = dog.limit()  # max(0.2 s, 5 x median); steps run slower on a loaded machine
+    assert not messages and limit is not None and limit >= 0.2
+    time.sleep(2 * limit + 0.3)  # step 7 stalls
     assert len(messages) == 1, messages  # reported once per stall
     report = messages[0]
     assert "step 7 has taken" in report
@@ -37,7 +38,7 @@ def test_watchdog_logs_every_thread_when_a_step_stalls():
     assert "MainThread" in report
     dog.beat(7)
     with dog.paused():  # evaluation: not a step
-      time.sleep(0.4)
+      time.sleep(2 * limit + 0.3)
     assert len(messages) == 1
   finally:
     release.set()

@@ -19,15 +19,17 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from etils import epath
 from safetensors.torch import load_file
 from transformers import Qwen3ForCausalLM
 
 import torch_reference as tr
-from moss_jax import checkpoint, export, hf, sharding, train
+from moss_jax import checkpoint, export, hf, paths, sharding, train
 from moss_jax import train_step as ts
 from moss_jax.errors import UserError
 from moss_jax.hf import io
 from moss_jax.model import MossAudioModel, init_params
+from test_gcs import BUCKET, _drop_listing_cache, gcs  # noqa: F401  (gcs: a fixture)
 from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
                                 write_run_config)
 
@@ -200,7 +202,7 @@ def test_llm_only_export_is_a_plain_qwen3_causal_lm(run, tmp_path):
   out = str(tmp_path / "qwen")
   export.export_run(workdir, out, dtype="float32", llm_only=True)
   qwen, info = Qwen3ForCausalLM.from_pretrained(out, output_loading_info=True,
-                                                torch_dtype=torch.float32)
+                                                dtype=torch.float32)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   ids = np.random.default_rng(0).integers(0, config.model.text.vocab_size, (2, 24))
   with torch.no_grad():
@@ -392,3 +394,24 @@ def test_save_pretrained_names_remote_code_only_when_present(tiny_model, tmp_pat
   assert config["auto_map"] == {"AutoConfig": "configuration_moss_audio.MossAudioConfig"}
   assert "auto_map" not in json.loads((out / "processor_config.json").read_text())
   assert (out / "tokenizer.model").exists()  # the run's own tokenizer, not only a released one
+
+
+# ----------------------------------------------------------------------------- buckets
+
+def test_a_run_in_a_bucket_exports_and_exports_into_a_bucket(run, gcs, tmp_path):
+  """gs:// both ways against the GCS emulator of tests/test_gcs.py: the same bytes as locally."""
+  workdir, _, _ = run
+  local = tmp_path / "local"
+  export.export_run(workdir, str(local), dtype="float32", max_shard_size="100KB")
+  want = {p.name: p.read_bytes() for p in local.iterdir()}
+  bucket_run = f"gs://{BUCKET}/export_test/run"
+  paths.copy_tree(workdir, bucket_run)
+  from_bucket = tmp_path / "from_bucket"
+  export.export_run(bucket_run, str(from_bucket), dtype="float32", max_shard_size="100KB")
+  assert {p.name: p.read_bytes() for p in from_bucket.iterdir()} == want
+  target = f"gs://{BUCKET}/export_test/hf"
+  export.export_run(workdir, target, dtype="float32", max_shard_size="100KB")
+  _drop_listing_cache()
+  assert {p.name: p.read_bytes() for p in epath.Path(target).iterdir()} == want
+  with pytest.raises(UserError, match="already holds a model"):
+    export.export_run(workdir, target)

@@ -164,7 +164,7 @@ def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
       out, err = proc.communicate()
       pytest.fail(f"run ended (rc {proc.returncode}) before its first checkpoint: "
                   f"{out[-2000:]}{err[-4000:]}")
-    assert time.time() - t0 < 400, "no checkpoint in the bucket after 400 s"
+    assert time.time() - t0 < 900, "no checkpoint in the bucket after 900 s"
     time.sleep(0.2)
   os.kill(proc.pid, signal.SIGKILL)
   proc.communicate()
@@ -172,7 +172,7 @@ def test_train_into_bucket_kill_and_resume(gcs, tmp_path):
   assert saved and max(saved) < steps, saved
 
   resumed = subprocess.run(train_command(cfg, workdir), env=env, cwd=cwd, capture_output=True,
-                           text=True, timeout=400)
+                           text=True, timeout=900)
   assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
   assert f"resumed from step {max(saved)}" in resumed.stdout, resumed.stdout[-2000:]
   assert _fresh(lambda: checkpoint.complete_steps(ckpts))[-1] == steps

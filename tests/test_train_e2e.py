@@ -91,7 +91,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir):
 
   # The trained run answers through `python -m moss_jax.generate`.
   clip = os.path.join(REPO, "data_pipelines", "sample_corpus", "audio", "train_speech_001.flac")
-  gen = _run([sys.executable, "-m", "moss_jax.generate", "--workdir", straight, "--audio", clip,
+  gen = _run([sys.executable, "-m", "moss_jax.generate", "--checkpoint", straight, "--audio", clip,
               "--max_new_tokens", "4"], env)
   _check_ok(gen)
   assert gen.stdout.startswith(clip + "\t")

@@ -238,7 +238,7 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
     target = paths.run_path(path)
     with tempfile.TemporaryDirectory(prefix="moss_jax_export_") as staging:
       files = save_pretrained(staging, model, params, dtype, max_shard_size, token_ids,
-                              source_dir, enable_time_marker)
+                              source_dir, enable_time_marker, tokenizer)
       if target.exists():
         for old in target.iterdir():
           if _is_weight_file(old.name):

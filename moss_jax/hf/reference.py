@@ -7,16 +7,21 @@ the numerics), encodes the chunks independently and scatters the tokens into the
 row-major order. `plan_reference_inputs` turns that into our static-gather batch
 (audio_mel [B, C, 128, Lmax], audio_chunk_frames, audio_token_index) and `reference_logits`
 calls the model, so its logits are comparable with the PyTorch reference.
+`reference_generate` decodes new tokens from the same inputs (KV cache, moss_jax/decoding.py).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moss_jax import batch as batch_lib
+from moss_jax import decoding
 from moss_jax.hf import config_io
+
 
 def audio_token_id_for(audio_token_id: int | None = None, pretrained_dir: str | None = None) -> int:
   """The placeholder id: explicit, else the directory's processor_config.json, else 151654."""
@@ -136,3 +141,39 @@ def reference_logits(model, params, input_ids, audio_mel=None, audio_mel_lengths
   return apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
                jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["audio_mel"]),
                jnp.asarray(batch["audio_chunk_frames"]), jnp.asarray(batch["audio_token_index"]))
+
+
+def reference_generate(model, params, input_ids, audio_mel=None, audio_mel_lengths=None, *,
+                       max_new_tokens: int, audio_token_id: int | None = None,
+                       pretrained_dir: str | None = None, num_chunk_slots: int | None = None,
+                       eos_token_id: int | Sequence[int] | None = None,
+                       pad_token_id: int | None = None, seed: int = 0, mesh=None,
+                       **sampling) -> np.ndarray:
+  """New token ids [B, n] for reference-layout prompts (the inputs `reference_logits` takes).
+
+  Every row is a whole prompt (no padding, positions 0..S-1, as the reference forward without
+  an attention mask). Decoding stops per row at an eos token (kept, like transformers'
+  `generate`) and pads the row after it with `pad_token_id`; n is the longest row, at most
+  max_new_tokens. eos / pad default to the directory's ids (generation eos <|im_end|> and
+  <|endoftext|>, spec 5.1). `sampling`: temperature, top_k, top_p, repetition_penalty; none
+  given = greedy, else the reference's values for those not given (decoding.Sampling).
+  """
+  token_id = audio_token_id_for(audio_token_id, pretrained_dir)
+  ids = (config_io.read_token_ids(pretrained_dir) if pretrained_dir is not None
+         else dict(config_io.DEFAULT_TOKEN_IDS))
+  eos = ids["eos_token_id"] if eos_token_id is None else eos_token_id
+  eos = [int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos]
+  pad = ids["bos_token_id"] if pad_token_id is None else int(pad_token_id)
+  batch = plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, token_id,
+                                num_chunk_slots)
+  if audio_mel is None:
+    batch = {k: batch[k] for k in ("input_ids", "positions", "segment_ids")}
+  params = params["params"] if set(params) == {"params"} else params
+  b, s = batch["input_ids"].shape
+  out = decoding.run_decode(model, params, batch, np.full((b,), s, np.int32),
+                            max_new_tokens=max_new_tokens, stop_ids=eos, pad_id=pad,
+                            sampling=decoding.Sampling(**sampling) if sampling else decoding.GREEDY,
+                            seed=seed, mesh=mesh, mel_from_batch=False)
+  stopped = np.isin(out, eos)
+  lengths = np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, out.shape[1])
+  return out[:, :int(lengths.max())]

@@ -3,6 +3,9 @@
 Audio placement is a static gather: `audio_token_index[b, l]` is the flat index (chunk * T' + t)
 into row b's encoder output, -1 for text. The adapter output replaces the text embedding there;
 merger k's output is added to the output of LLM layer k at the same positions (spec section 3).
+
+Generation uses `prefill` (encoder, adapter, DeepStack and the prompt, once, into a KV cache) and
+then `decode_step` per new token (text only: the DeepStack adds are zero off audio positions).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import ml_collections
 from moss_jax.model import attention, layers, lora
 from moss_jax.model.adapter import GatedMLP
 from moss_jax.model.encoder import AudioEncoder
-from moss_jax.model.llm import Qwen3Model
+from moss_jax.model.llm import KVCache, Qwen3Model
 from moss_jax.model_config import num_mergers
 
 Array = jax.Array
@@ -95,6 +98,29 @@ class MossAudioModel(nn.Module):
       return x, None
     inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
     return x, layers.constrain(inject, (None, "batch", "length", "embed"))
+
+  def prefill(self, input_ids: Array, positions: Array, segment_ids: Array, cache: KVCache,
+              last_index: Array, audio_mel: Array | None = None,
+              audio_chunk_frames: Array | None = None,
+              audio_token_index: Array | None = None) -> tuple[Array, KVCache]:
+    """Runs the prompts [B, L] (right-padded, one segment per row) and fills cache columns
+    0..L-1. -> (float32 logits [B, vocab] at column last_index[b] of each row, cache)."""
+    adapter_out = merger_outs = None
+    if audio_mel is not None:
+      adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
+    x, inject = self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
+    hidden, cache = self.language_model(x, positions, segment_ids, inject, cache=cache)
+    last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
+    return self.logits(last), cache
+
+  def decode_step(self, tokens: Array, cache: KVCache, decode_index: Array
+                  ) -> tuple[Array, KVCache]:
+    """One new text token per row (tokens [B]) at cache column = RoPE position decode_index[b].
+    -> (float32 logits [B, vocab] for the token after it, cache)."""
+    x = self.language_model.embed(tokens[:, None])
+    hidden, cache = self.language_model(x, decode_index[:, None], None, cache=cache,
+                                        decode_index=decode_index)
+    return self.logits(hidden[:, 0]), cache
 
   def logits(self, hidden: Array) -> Array:
     """Float32 logits [..., V] from final hidden states [..., H] (the chunked loss calls this per
