@@ -67,13 +67,19 @@ def optim_config(preset: str) -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.clip_norm = 1.0
   c.z_loss = 0.0
+  # Per-module learning-rate multipliers (lr * multiplier): encoder, adapter (+ DeepStack mergers),
+  # llm (+ lm_head), lora (every LoRA adapter). Weight decay never touches norms or biases;
+  # no_decay lists more path regexes to exempt (e.g. "embedding").
+  c.lr_multipliers = ml_collections.ConfigDict(dict(encoder=1.0, adapter=1.0, llm=1.0, lora=1.0))
+  c.no_decay = ""
   return c
 
 
 def train_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.steps = 200 if preset == "demo" else 100_000
-  c.stage = "full"  # adapter (stage 1: adapter + mergers) | full (stage 2) | encoder_frozen
+  c.stage = "full"  # adapter (stage 1: adapter + mergers) | full (stage 2) | encoder_frozen | lora
+  c.frozen_dtype = ""  # dtype of the frozen (non-trained) weights, e.g. bfloat16; "" = param_dtype
   c.grad_accum = 1
   c.seed = 0
   c.log_every = 10 if preset == "demo" else 50

@@ -3,7 +3,9 @@
 1. Native:   {"id", "audio" (path or list), "task", "text", "segments"?, "offset"?, "duration"?,
               "question"?, "timestamp_level"?}
 2. Messages: {"messages": [{"role", "content"}...], "audios": [...]} with one `<audio>` tag in the
-             content per entry of "audios" (the common fine-tuning format).
+             content per entry of "audios" (the common fine-tuning format). An assistant message
+             may carry "reasoning_content" (rendered `<think>\n...\n</think>\n\n` before its
+             content, as Qwen3's chat template does) and "loss": false (context, not learned).
 3. Conversation (the reference finetune script's format):
              {"conversation": [{"role", "message_type": "audio"|"text", "content"}...]}
 
@@ -55,9 +57,13 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-  """One chat turn. `content` mixes text pieces (str) and audio numbers (int, into Sample.audios)."""
+  """One chat turn. `content` mixes text pieces (str) and audio numbers (int, into Sample.audios).
+
+  `learn`: whether the turn is a training target (None: assistant turns are, others are not).
+  """
   role: str
   content: tuple[str | int, ...]
+  learn: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +245,7 @@ def _message_content(content: Any, audios: list, manifest_dir: str, source: str,
 
 def _finish_chat(obj: dict, messages: list[Message], audios: tuple[AudioRef, ...],
                  source: str) -> Sample:
-  if not any(m.role == "assistant" for m in messages):
+  if not any(m.role == "assistant" and m.learn is not False for m in messages):
     raise _bad(errors.MISSING_FIELD, "the conversation has no assistant turn to learn", source)
   task = _get_str(obj, "task", source, required=False, default="qa" if audios else "text")
   if task not in TASKS:
@@ -255,6 +261,11 @@ def _finish_chat(obj: dict, messages: list[Message], audios: tuple[AudioRef, ...
                 question=question or None, messages=tuple(messages), source=source)
 
 
+def think_block(reasoning: str) -> str:
+  """Qwen3's rendering of an assistant turn's reasoning: kept as text before the answer."""
+  return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+
+
 def _parse_messages(obj: dict, manifest_dir: str, source: str) -> Sample:
   raw = obj["messages"]
   if not isinstance(raw, list) or not raw:
@@ -267,7 +278,19 @@ def _parse_messages(obj: dict, manifest_dir: str, source: str) -> Sample:
     if msg["role"] not in ROLES:
       raise _bad(errors.BAD_FIELD, f"message {i} has unknown role {msg['role']!r}", source)
     content = _message_content(msg["content"], slots, manifest_dir, source, obj)
-    messages.append(Message(msg["role"], tuple(content)))
+    reasoning = _get_str(msg, "reasoning_content", source, required=False)
+    learn = msg.get("loss")
+    if reasoning is not None or learn is not None:
+      if msg["role"] != "assistant":
+        raise _bad(errors.BAD_FIELD, f"message {i}: 'reasoning_content' and 'loss' belong on "
+                   f"assistant messages, not {msg['role']!r}", source)
+      if learn is not None and not isinstance(learn, bool):
+        raise _bad(errors.BAD_FIELD, f"message {i}: 'loss' must be true or false, got "
+                   f"{learn!r}", source)
+    if reasoning is not None:
+      content = [think_block(reasoning)] + [p.lstrip("\n") if isinstance(p, str) and j == 0
+                                            else p for j, p in enumerate(content)]
+    messages.append(Message(msg["role"], tuple(p for p in content if p != ""), learn))
   listed_value = obj.get("audios", obj.get("audio"))
   listed = [] if listed_value in (None, []) else list(
       _audio_list(listed_value, manifest_dir, source, obj))

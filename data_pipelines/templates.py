@@ -226,7 +226,8 @@ def _encode(sample: Sample, waveforms: Sequence[np.ndarray], tokenizer, time_mar
     b.header("assistant")
   else:
     for i, m in enumerate(msgs):
-      b.turn(m.role, m.content, learn=m.role == "assistant", last=i == len(msgs) - 1)
+      learn = m.role == "assistant" if m.learn is None else m.learn
+      b.turn(m.role, m.content, learn=learn, last=i == len(msgs) - 1)
   return _finish(b, sample, chunk_frames, chunk_audio)
 
 

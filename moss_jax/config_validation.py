@@ -15,8 +15,9 @@ from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import paths
 from moss_jax import sharding
+from moss_jax.hf import mapping
 from moss_jax.errors import UserError
-from moss_jax.model import attention
+from moss_jax.model import attention, lora
 from moss_jax.model.layers import REMAT_POLICY_NAMES
 from moss_jax.model_config import DTYPES, num_mergers
 
@@ -166,6 +167,17 @@ def _check_optim_train(optim_cfg, train, problems: list[str]) -> None:
     problems.append("train.log_every must be at least 1")
   if train.max_consecutive_skips < 1:
     problems.append("train.max_consecutive_skips must be at least 1")
+  multipliers = optim_cfg.get("lr_multipliers") or {}
+  for group, value in multipliers.items():
+    if group not in {g for g, _ in optim.MODULE_GROUPS}:
+      problems.append(f"optim.lr_multipliers.{group}: unknown group; groups are "
+                      f"{', '.join(g for g, _ in optim.MODULE_GROUPS)}")
+    elif value < 0:
+      problems.append(f"optim.lr_multipliers.{group} must be >= 0, got {value}")
+  frozen_dtype = train.get("frozen_dtype", "")
+  if frozen_dtype not in ("", "float32", "bfloat16", "float16"):
+    problems.append(f"train.frozen_dtype={frozen_dtype!r}: choose float32, bfloat16, float16 or "
+                    "'' (= model.param_dtype)")
   if train.init_from and (train.init_llm_from or train.init_encoder_from):
     problems.append("train.init_from loads the whole model: do not combine it with "
                     "train.init_llm_from / train.init_encoder_from")
@@ -174,6 +186,26 @@ def _check_optim_train(optim_cfg, train, problems: list[str]) -> None:
     # Run checkpoints may live in a bucket (gs://); epath answers for both kinds of path.
     if path and not paths.run_path(path).exists():
       problems.append(f"train.{name} not found: {path}")
+
+
+def _check_lora(model, train, problems: list[str]) -> None:
+  try:
+    spec = lora.spec_from_config(model)
+  except lora.LoraError as e:
+    problems.append(f"model.lora: {e}")
+    return
+  if spec is not None:
+    modules = sorted({"/".join(e.flax_path[:-1]) for e in mapping.entries(model)
+                      if e.transform == mapping.LINEAR})
+    for target in spec.targets:
+      one = lora.LoraSpec(spec.rank, spec.alpha, targets=(target,))
+      if not any(one.matches(m) for m in modules):
+        problems.append(f"model.lora.targets: {target!r} matches no dense layer; module paths "
+                        f"look like {modules[0]}, language_model/layers/self_attn/q_proj "
+                        f"(aliases: {', '.join(lora.TARGET_ALIASES)})")
+  if train.stage == "lora" and spec is None:
+    problems.append("train.stage=lora trains only LoRA adapters, but model.lora.rank is 0: set "
+                    "--config.model.lora.rank (or use configs/sft.py:lora)")
 
 
 def validate(config, num_devices: int, process_count: int = 1, check_paths: bool = True) -> None:
@@ -195,6 +227,7 @@ def validate(config, num_devices: int, process_count: int = 1, check_paths: bool
   _check_data(config.data, data_fsdp, process_count, config.train.grad_accum, check_paths,
               problems)
   _check_optim_train(config.optim, config.train, problems)
+  _check_lora(config.model, config.train, problems)
   if config.model.text.vocab_size < 8:
     problems.append("model.text.vocab_size is implausibly small")
   if problems:

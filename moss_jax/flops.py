@@ -34,6 +34,7 @@ STAGE_GROUPS = {
     "adapter": (ADAPTER,),
     "full": (ENCODER, ADAPTER, LLM),
     "encoder_frozen": (ADAPTER, LLM),
+    "lora": (),  # no base weight is trained; gradients flow from the adapted groups (lora_groups)
 }
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor figures, no sparsity).
@@ -60,8 +61,11 @@ class Product:
   upstream: tuple[str, ...]  # groups whose parameters the product's activation input depends on
   weight: bool = True  # False: both operands are activations (attention)
 
-  def backward(self, trained: tuple[str, ...]) -> float:
-    grad_flows = any(g in trained for g in self.upstream)
+  def backward(self, trained: tuple[str, ...], grads_from: tuple[str, ...] | None = None) -> float:
+    """`grads_from`: groups whose parameters get gradients (default `trained`); LoRA trains
+    adapters inside groups whose base weights stay frozen."""
+    grads_from = trained if grads_from is None else grads_from
+    grad_flows = any(g in grads_from for g in self.upstream)
     if not self.weight:
       return 2 * self.flops if grad_flows else 0.0
     return self.flops * ((self.owner in trained) + grad_flows)
@@ -131,20 +135,40 @@ def model_products(model_config, batch_size: int, max_tokens: int, max_audio_chu
           + llm_products(model_config.text, batch_size, max_tokens, causal_factor))
 
 
+def lora_groups(model_config) -> tuple[str, ...]:
+  """Groups holding LoRA adapters, read from config.model.lora.targets (aliases or path regexes).
+
+  The adapters' own products (rank r, tiny next to the base) are not counted.
+  """
+  c = model_config.get("lora") if hasattr(model_config, "get") else None
+  if c is None or not c.get("rank", 0):
+    return ()
+  text = str(c.get("targets", ""))
+  found = []
+  for group, words in ((ENCODER, ("encoder", "audio_encoder")),
+                       (ADAPTER, ("adapter", "merger")),
+                       (LLM, ("llm", "language_model", "lm_head"))):
+    if any(w in text for w in words):
+      found.append(group)
+  return tuple(found)
+
+
 def step_flops(model_config, batch_size: int, max_tokens: int, max_audio_chunks: int,
                stage: str = "full", causal_factor: float = 0.5, train: bool = True) -> dict:
   """{'forward', 'backward', 'total', 'by_product'} FLOPs of one step over `batch_size` rows."""
   if stage not in STAGE_GROUPS:
     raise ValueError(f"unknown training stage {stage!r}")
   trained = STAGE_GROUPS[stage] if train else ()
+  adapted = lora_groups(model_config) if train else ()
+  grads_from = tuple(set(trained) | set(adapted))
   prods = model_products(model_config, batch_size, max_tokens, max_audio_chunks, causal_factor)
   fwd = sum(p.flops for p in prods)
-  bwd = sum(p.backward(trained) for p in prods)
+  bwd = sum(p.backward(trained, grads_from) for p in prods)
   return {
       "forward": fwd,
       "backward": bwd,
       "total": fwd + bwd,
-      "by_product": {p.name: p.flops + p.backward(trained) for p in prods},
+      "by_product": {p.name: p.flops + p.backward(trained, grads_from) for p in prods},
   }
 
 

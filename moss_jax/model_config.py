@@ -12,6 +12,7 @@ Fields:
   adapter_hidden_size, deepstack_num_inject_layers   adapter and DeepStack mergers (spec 3)
   dtype, param_dtype, scan_layers, remat_policy, attention, attention_block_size,
   loss_vocab_block, loss_chunk_size   how it runs (not part of the checkpoint)
+  lora.*    LoRA adapters on dense layers (rank 0 = off); not part of the reference checkpoint
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ DEFAULTS = dict(
     # also cuts rows into token chunks of that many positions (0 = whole rows).
     loss_vocab_block=16384,
     loss_chunk_size=0,
+    # LoRA adapters (moss_jax/model/lora.py); rank 0 = none; configs/sft.py:*lora turns them on.
+    # targets: comma-separated aliases (llm, llm_attention, llm_mlp, adapter, mergers,
+    # encoder_attention, encoder_qkv, encoder_mlp, lm_head) or regexes over module paths;
+    # scale = alpha / rank, or alpha / sqrt(rank) with rslora.
+    lora=dict(rank=0, alpha=16.0, dropout=0.0, rslora=False, targets="llm"),
 )
 
 # Reference shapes. The 4B and 8B models share the encoder (32 x 1280) and differ in the LLM.

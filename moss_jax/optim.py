@@ -7,6 +7,12 @@ carrying no optimizer state). Which leaves are trainable is decided by the train
   adapter         stage 1 of the reference recipe: only `audio_adapter` and the DeepStack mergers
   full            stage 2: every parameter
   encoder_frozen  fine-tuning with the audio encoder frozen
+  lora            only the LoRA adapters (lora_a / lora_b, config.model.lora); the base is frozen
+
+Per-module learning-rate multipliers (optim.lr_multipliers: encoder, adapter = adapter + DeepStack
+mergers, llm = LLM + lm_head, lora = every adapter wherever it sits) scale each leaf's update,
+decoupled weight decay included, as PyTorch parameter groups with their own lr would. Weight
+decay skips norms and biases always, and leaves matching optim.no_decay besides.
 
 The learning rate is a pure function of the train step (not of an optimizer-internal counter),
 so a skipped non-finite update does not shift the schedule and a resumed run sees the same rates.
@@ -29,13 +35,23 @@ STAGE_TRAINABLE = {
     "adapter": (r"audio_adapter/", r"deepstack_audio_merger_list_\d+/"),
     "full": (r".*",),
     "encoder_frozen": (r"(?!audio_encoder/).*",),
+    "lora": (r"(?:.*/)?lora_[ab]$",),
 }
 STAGES = tuple(STAGE_TRAINABLE)
 SCHEDULES = ("cosine", "constant", "linear")
 
 # Weight decay only touches matrices (kernels and embeddings), never biases or norm scales. A
 # name test rather than ndim, because scanned layer stacks give biases two axes too.
-_DECAYED_LEAF_NAMES = ("kernel", "embedding")
+_DECAYED_LEAF_NAMES = ("kernel", "embedding", "lora_a", "lora_b")
+
+# Module groups of optim.lr_multipliers, tested in this order (first match wins, so an adapter
+# inside the LLM is `lora`, not `llm`).
+MODULE_GROUPS = (
+    ("lora", re.compile(r"(?:.*/)?lora_[ab]$")),
+    ("encoder", re.compile(r"audio_encoder/")),
+    ("adapter", re.compile(r"(?:audio_adapter|deepstack_audio_merger_list_\d+)/")),
+    ("llm", re.compile(r"(?:language_model|lm_head)/")),
+)
 
 
 def path_str(path) -> str:
@@ -127,17 +143,71 @@ def make_schedule(optim_config, total_steps: int) -> Callable[[jax.Array], jax.A
   return schedule
 
 
-def decay_mask(params: PyTree) -> PyTree:
-  """True for leaves that receive weight decay."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: path_str(p).rsplit("/", 1)[-1] in _DECAYED_LEAF_NAMES, params)
+def _patterns(spec: str | tuple | list) -> list[re.Pattern]:
+  items = spec.split(",") if isinstance(spec, str) else list(spec)
+  return [re.compile(p.strip()) for p in items if p and p.strip()]
+
+
+def decay_mask(params: PyTree, no_decay: str | tuple = ()) -> PyTree:
+  """True for leaves that receive weight decay: matrices (kernels, embeddings, LoRA factors),
+  never norm scales or biases, and none whose path a `no_decay` regex finds (re.search)."""
+  skip = _patterns(no_decay)
+
+  def decayed(p, _):
+    path = path_str(p)
+    return (path.rsplit("/", 1)[-1] in _DECAYED_LEAF_NAMES
+            and not any(r.search(path) for r in skip))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def module_group(path: str) -> str | None:
+  """The optim.lr_multipliers group of a '/'-joined parameter path (None: no group)."""
+  for name, pattern in MODULE_GROUPS:
+    if pattern.match(path):
+      return name
+  return None
+
+
+def lr_multipliers(optim_config) -> dict[str, float]:
+  """{group: multiplier} from optim.lr_multipliers (groups left out are 1.0)."""
+  given = optim_config.get("lr_multipliers") if hasattr(optim_config, "get") else None
+  out = {name: 1.0 for name, _ in MODULE_GROUPS}
+  if given:
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+      raise ValueError(f"optim.lr_multipliers has unknown groups {unknown}; groups are "
+                       f"{sorted(out)}")
+    out.update({k: float(v) for k, v in given.items()})
+  return out
+
+
+def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by its module group's multiplier (stateless)."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+
+    def scale(p, u):
+      m = multipliers.get(module_group(path_str(p)), 1.0)
+      return u if m == 1.0 else (u * m).astype(u.dtype)
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(optim_config, clip: bool = True) -> optax.GradientTransformation:
-  """AdamW without the learning rate: clip -> Adam moments -> decoupled weight decay.
+  """AdamW without the learning rate: clip -> Adam moments -> decoupled weight decay -> per-module
+  multipliers.
 
   The caller multiplies the result by -lr(step) (see `apply_lr`); together this is optax's AdamW
-  (`scale_by_adam`, `add_decayed_weights`, `scale_by_learning_rate`) with the clip in front.
+  (`scale_by_adam`, `add_decayed_weights`, `scale_by_learning_rate`) with the clip in front and
+  one learning rate per module group (optim.lr_multipliers).
   `clip=False` leaves the clip to the caller (the train step clips with the norm it computes
   anyway, which saves XLA a gradient-sized buffer); the state has the same structure either way.
   """
@@ -148,7 +218,12 @@ def make_optimizer(optim_config, clip: bool = True) -> optax.GradientTransformat
   parts.append(optax.scale_by_adam(b1=float(optim_config.b1), b2=float(optim_config.b2),
                                    eps=float(optim_config.eps)))
   if optim_config.weight_decay:
-    parts.append(optax.add_decayed_weights(float(optim_config.weight_decay), mask=decay_mask))
+    no_decay = optim_config.get("no_decay", "") if hasattr(optim_config, "get") else ""
+    parts.append(optax.add_decayed_weights(
+        float(optim_config.weight_decay), mask=lambda p: decay_mask(p, no_decay)))
+  multipliers = lr_multipliers(optim_config)
+  if any(m != 1.0 for m in multipliers.values()):
+    parts.append(scale_by_module(multipliers))
   return optax.chain(*parts)
 
 

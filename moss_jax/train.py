@@ -26,7 +26,7 @@ from moss_jax import flops, generate, hf, metrics, paths, progress, sharding, wo
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
-from moss_jax.model import count_params, init_params
+from moss_jax.model import count_params, init_params, lora
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.",
                                           lock_config=True)
@@ -68,7 +68,19 @@ def check_tokenizer(config) -> None:
 
 
 def initial_params(config, program):
-  """Fresh or pretrained parameters, as train.init_* say; sharded like the state."""
+  """Fresh or pretrained parameters, as train.init_* say; sharded like the state.
+
+  With LoRA on (config.model.lora), a pretrained base that has no adapters gets fresh ones
+  (B = 0, so step 0 computes exactly the pretrained model).
+  """
+  params = _initial_base_params(config, program)
+  if lora.spec_from_config(config.model) is not None and not lora.has_adapters(params):
+    params = lora.init_adapters(params, program.abstract_params,
+                                jax.random.key(config.train.seed))
+  return params
+
+
+def _initial_base_params(config, program):
   train = config.train
   mesh = program.mesh
   if train.init_from_checkpoint:
@@ -78,7 +90,7 @@ def initial_params(config, program):
     logging.info("initialising the whole model from %s", train.init_from)
     _, params = hf.load_pretrained(train.init_from, dtype=config.model.param_dtype,
                                    config_overrides=_model_overrides(config), mesh=mesh)
-    _check_same_shapes(params, program.abstract_params, train.init_from)
+    _check_same_shapes(params, lora.split(program.abstract_params)[0], train.init_from)
     return params
   with sharding.use_mesh(mesh):
     params = init_params(config.model, jax.random.key(train.seed), mesh)
@@ -189,6 +201,13 @@ class Run:
     self.writer.console(f"parameters: {n_all:,} ({n_train:,} trainable); analytic "
                         f"{self.flops_per_step / 1e9:.2f} GFLOP/step; peak "
                         f"{self.peak / 1e9:.1f} GFLOP/s ({self.peak_source})")
+    spec = lora.spec_from_config(self.config.model)
+    if spec is not None:
+      modules = lora.adapter_modules(ts.full_params(self.state))
+      self.writer.console(
+          f"LoRA: rank {spec.rank}, alpha {spec.alpha:g}, scale {spec.scale:.4g}"
+          f"{' (rsLoRA)' if spec.rslora else ''}, dropout {spec.dropout:g} on {len(modules)} "
+          f"modules ({','.join(spec.targets)}); stage {self.config.train.stage}")
     return int(self.state["step"])
 
   def save(self, step: int, force: bool = False) -> bool:

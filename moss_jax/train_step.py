@@ -34,7 +34,7 @@ from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import sharding as sharding_lib
 from moss_jax import model as model_lib
-from moss_jax.model import layers
+from moss_jax.model import layers, lora
 from moss_jax.model.mel import model_audio_mel
 
 PyTree = Any
@@ -259,16 +259,18 @@ def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-def make_forward(model, model_config, hidden: bool = False
-                 ) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
-  """(params, batch) -> float32 logits [B, L, V] (or, with `hidden`, the final hidden states
-  [B, L, H] before lm_head); the mel is made on device when needed."""
+def make_forward(model, model_config, hidden: bool = False) -> Callable[..., jax.Array]:
+  """(params, batch, dropout_rng=None) -> float32 logits [B, L, V] (or, with `hidden`, the final
+  hidden states [B, L, H] before lm_head); the mel is made on device when needed. Without a
+  dropout key the forward is deterministic (evaluation, generation)."""
 
-  def forward(params, batch):
+  def forward(params, batch, dropout_rng=None):
     mel = model_audio_mel(decode_transfer(batch), model_config)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return model.apply({"params": params}, batch["input_ids"], batch["positions"],
                        batch["segment_ids"], mel, batch["audio_chunk_frames"],
-                       batch["audio_token_index"], method="hidden_states" if hidden else None)
+                       batch["audio_token_index"], method="hidden_states" if hidden else None,
+                       rngs=rngs)
 
   return forward
 
@@ -283,9 +285,11 @@ def make_stats_fn(model, model_config, z_loss: float = 0.0
   vocab_block = int(model_config.get("loss_vocab_block", 16384))
   dtype = jnp.dtype(model_config.dtype)
 
-  def stats_fn(params, batch):
-    hidden = forward(params, batch)
-    return chunked_token_stats(hidden, params["lm_head"]["kernel"], batch["labels"],
+  def stats_fn(params, batch, dropout_rng=None):
+    hidden = forward(params, batch, dropout_rng)
+    # The fused loss reads lm_head's kernel itself: LoRA on lm_head enters merged (no dropout).
+    kernel = lora.merged_kernel(params["lm_head"], lora.spec_from_config(model_config))
+    return chunked_token_stats(hidden, kernel, batch["labels"],
                                batch["task_ids"], z_loss, chunk, vocab_block, dtype)
 
   return stats_fn
@@ -293,9 +297,16 @@ def make_stats_fn(model, model_config, z_loss: float = 0.0
 
 # ----------------------------------------------------------------------------- state
 
-def create_state(params: Mapping, optimizer: optax.GradientTransformation, stage: str) -> dict:
-  """Fresh state: split by stage, optimizer state for the trainable half only."""
+def create_state(params: Mapping, optimizer: optax.GradientTransformation, stage: str,
+                 frozen_dtype: str | None = None) -> dict:
+  """Fresh state: split by stage, optimizer state for the trainable half only.
+
+  `frozen_dtype` (train.frozen_dtype, e.g. bfloat16) stores the frozen half in that dtype: a LoRA
+  run keeps one low-precision copy of the base weights and full-precision adapters.
+  """
   trainable, frozen = optim.split_for_stage(params, stage)
+  if frozen_dtype:
+    frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": trainable,
@@ -325,10 +336,10 @@ def state_shardings(param_shardings: PyTree, abstract_params: PyTree,
 
 
 def abstract_state(abstract_params: PyTree, optimizer: optax.GradientTransformation, stage: str,
-                   shardings: PyTree | None = None) -> PyTree:
+                   shardings: PyTree | None = None, frozen_dtype: str | None = None) -> PyTree:
   """ShapeDtypeStruct tree of the state (with shardings when given): for AOT and restore."""
-  tree = jax.eval_shape(functools.partial(create_state, optimizer=optimizer, stage=stage),
-                        abstract_params)
+  tree = jax.eval_shape(functools.partial(create_state, optimizer=optimizer, stage=stage,
+                                          frozen_dtype=frozen_dtype), abstract_params)
   if shardings is None:
     return tree
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -356,37 +367,46 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
-                    micro_sharding: Any = None, clip_norm: float = 0.0) -> Callable:
+                    micro_sharding: Any = None, clip_norm: float = 0.0,
+                    dropout_seed: int | None = None) -> Callable:
   """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
-  `stats_fn(params, batch)` returns the token sums of `token_stats` (make_stats_fn).
-  `clip_norm` > 0 clips the gradients' global norm here, for an optimizer made with
-  `optim.make_optimizer(..., clip=False)`.
+  `stats_fn(params, batch[, dropout_rng])` returns the token sums of `token_stats`
+  (make_stats_fn). `clip_norm` > 0 clips the gradients' global norm here, for an optimizer made
+  with `optim.make_optimizer(..., clip=False)`. With `dropout_seed` (LoRA dropout on),
+  micro-batch i of step s draws its dropout masks from fold_in(fold_in(key(seed), s), i):
+  reproducible, and a resumed run draws the same masks.
   """
 
-  def micro_objective(trainable, frozen, micro, denom):
+  def micro_objective(trainable, frozen, micro, denom, rng=None):
     params = optim.merge(trainable, jax.lax.stop_gradient(frozen))
-    stats = stats_fn(params, micro)
+    stats = stats_fn(params, micro) if rng is None else stats_fn(params, micro, rng)
     return (stats["ce_sum"] + stats["z_loss_sum"]) / denom, stats
 
   grad_fn = jax.grad(micro_objective, has_aux=True)
 
-  def accumulate(trainable, frozen, batch, denom):
+  def micro_rng(step, i):
+    if dropout_seed is None:
+      return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), i)
+
+  def accumulate(trainable, frozen, batch, denom, step):
     if grad_accum == 1:
-      return grad_fn(trainable, frozen, batch, denom)
+      return grad_fn(trainable, frozen, batch, denom, micro_rng(step, 0))
     micros = _split_micro(batch, grad_accum)
 
-    def body(carry, micro):
+    def body(carry, xs):
+      micro, i = xs
       if micro_sharding is not None:
         micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-      grads, stats = grad_fn(trainable, frozen, micro, denom)
+      grads, stats = grad_fn(trainable, frozen, micro, denom, micro_rng(step, i))
       return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
     zero_stats = jax.eval_shape(lambda: token_stats(
         jnp.zeros((1, 2, 2)), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), z_loss))
     zeros = (jax.tree.map(jnp.zeros_like, trainable),
              jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero_stats))
-    (grads, stats), _ = jax.lax.scan(body, zeros, micros)
+    (grads, stats), _ = jax.lax.scan(body, zeros, (micros, jnp.arange(grad_accum)))
     return grads, stats
 
   def train_step(state, batch):
@@ -394,7 +414,7 @@ def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
     # objective by it seeds the backward pass with 1/denom instead of rescaling every gradient
     # afterwards (a parameter-sized temporary).
     denom = jnp.maximum(label_count(batch["labels"]), 1.0)
-    grads, stats = accumulate(state["params"], state["frozen"], batch, denom)
+    grads, stats = accumulate(state["params"], state["frozen"], batch, denom, state["step"])
     grad_norm = global_norm(grads)
     loss = (stats["ce_sum"] + stats["z_loss_sum"]) / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -655,7 +675,8 @@ class Program:
     """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
     with sharding_lib.use_mesh(self.mesh):
       return jax.jit(functools.partial(create_state, optimizer=self.optimizer,
-                                       stage=self.config.train.stage),
+                                       stage=self.config.train.stage,
+                                       frozen_dtype=frozen_dtype(self.config)),
                      out_shardings=self.state_shardings)(params)
 
   def init_state(self, rng: jax.Array) -> dict:
@@ -690,6 +711,17 @@ def abstract_params_with_shardings(model_config, mesh) -> PyTree:
                       model_lib.param_shardings(model_config, mesh))
 
 
+def frozen_dtype(config) -> str | None:
+  """train.frozen_dtype, or None to keep the frozen half in model.param_dtype."""
+  return config.train.get("frozen_dtype", "") or None
+
+
+def dropout_seed(config) -> int | None:
+  """A seed for dropout keys when the model has dropout (LoRA dropout), else None."""
+  spec = lora.spec_from_config(config.model)
+  return int(config.train.seed) + 1 if spec is not None and spec.dropout > 0 else None
+
+
 def build_program(config, mesh) -> Program:
   """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
   model = model_lib.MossAudioModel(config=config.model)
@@ -701,7 +733,7 @@ def build_program(config, mesh) -> Program:
   p_sh = model_lib.param_shardings(config.model, mesh)
   abs_params = abstract_params_with_shardings(config.model, mesh)
   st_sh = state_shardings(p_sh, abs_params, optimizer, stage, mesh)
-  abs_state = abstract_state(abs_params, optimizer, stage, st_sh)
+  abs_state = abstract_state(abs_params, optimizer, stage, st_sh, frozen_dtype(config))
 
   row_sh = sharding_lib.batch_sharding(mesh)
   shapes = transfer_shapes(config)
@@ -714,7 +746,8 @@ def build_program(config, mesh) -> Program:
   z_loss = float(config.optim.z_loss)
   stats_fn = make_stats_fn(model, config.model, z_loss)
   step_fn = make_train_step(stats_fn, optimizer, schedule, grad_accum=k, z_loss=z_loss,
-                            micro_sharding=micro_sh, clip_norm=float(config.optim.clip_norm))
+                            micro_sharding=micro_sh, clip_norm=float(config.optim.clip_norm),
+                            dropout_seed=dropout_seed(config))
   with sharding_lib.use_mesh(mesh):
     train_jit = jit_train_step(step_fn, st_sh, batch_sh, mesh, abs_state, abs_batch)
     eval_fn = make_eval_step(stats_fn)

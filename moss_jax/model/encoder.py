@@ -156,7 +156,9 @@ class AudioEncoder(nn.Module):
         buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(tap_slot >= 0, h, keep), k, 0)
       return (h, buf), None
 
-    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+    # Dropout keys split per layer too (LoRA dropout), so layers draw different masks.
+    scan = nn.scan(body, variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast, 0), length=cfg.encoder_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     buf = jnp.zeros((len(taps),) + x.shape, x.dtype) if taps else None

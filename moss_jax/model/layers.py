@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moss_jax.model import lora
+
 Array = jax.Array
 LogicalNames = Sequence[str | None]
 
@@ -35,9 +37,13 @@ def constrain(x: Array, names: LogicalNames) -> Array:
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Any,
           param_dtype: Any, name: str | None = None,
           kernel_init: Callable = DEFAULT_INIT) -> nn.Dense:
-  """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+  """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names.
+
+  It is `lora.Dense`: plain nn.Dense unless the active LoRA spec (config.model.lora) targets its
+  module path, in which case it also carries lora_a / lora_b adapters.
+  """
+  return lora.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, axes=axes,
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 

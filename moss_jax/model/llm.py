@@ -165,7 +165,9 @@ class Qwen3Model(nn.Module):
     kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
               attention_block_size=self.attention_block_size)
     if self.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      # Dropout keys split per layer too (LoRA dropout), so layers draw different masks.
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                         length=cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})

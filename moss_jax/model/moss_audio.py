@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moss_jax.model import attention, layers
+from moss_jax.model import attention, layers, lora
 from moss_jax.model.adapter import GatedMLP
 from moss_jax.model.encoder import AudioEncoder
 from moss_jax.model.llm import KVCache, Qwen3Model
@@ -34,6 +34,23 @@ def gather_audio(features: Array, audio_token_index: Array) -> Array:
 class MossAudioModel(nn.Module):
   """The whole model; `config` is config.model (moss_jax/model_config.py)."""
   config: ml_collections.ConfigDict
+
+  # init/apply run with config.model.lora made current, so every Dense inside (whatever method
+  # or lambda is applied) sees the LoRA targets; see moss_jax/model/lora.py.
+  @nn.nowrap
+  def init_with_output(self, *args, **kwargs):
+    with lora.active(lora.spec_from_config(self.config)):
+      return super().init_with_output(*args, **kwargs)
+
+  @nn.nowrap
+  def init(self, *args, **kwargs):
+    with lora.active(lora.spec_from_config(self.config)):
+      return super().init(*args, **kwargs)
+
+  @nn.nowrap
+  def apply(self, *args, **kwargs):
+    with lora.active(lora.spec_from_config(self.config)):
+      return super().apply(*args, **kwargs)
 
   def setup(self):
     cfg = self.config
