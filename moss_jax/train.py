@@ -148,7 +148,7 @@ class Run:
     # config is written once a resume has checked it against the checkpoint (restore_or_init).
     self.lock = workdir_lock.WorkdirLock(self.workdir) if self.is_main else None
     train = config.train
-    self.cache_dir = diagnostics.setup_compilation_cache(train.get("compilation_cache_dir", ""),
+    self.cache_dir = diagnostics.setup_compilation_cache(train.compilation_cache_dir,
                                                          self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
@@ -164,14 +164,14 @@ class Run:
     # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
     # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
     self.loader = ts.DevicePrefetch(self.loader, self.program.global_batch,
-                                    train.get("prefetch_to_device", 2))
+                                    train.prefetch_to_device)
     self.checkpointer = checkpoint.Checkpointer(
         self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
-    self.profiler = diagnostics.StepProfiler(self.workdir, train.get("profile_start", 10),
-                                             train.get("profile_steps", 0))
-    self.watchdog = diagnostics.Watchdog(train.get("watchdog_factor", 10.0),
-                                         train.get("watchdog_min_seconds", 60.0))
+    self.profiler = diagnostics.StepProfiler(self.workdir, train.profile_start,
+                                             train.profile_steps)
+    self.watchdog = diagnostics.Watchdog(train.watchdog_factor,
+                                         train.watchdog_min_seconds)
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.peak_flops_per_device)
 
@@ -279,7 +279,7 @@ class Run:
     step = self.restore_or_init()
     start_step = step
     acc = metrics.Accumulator()
-    max_skips = int(cfg.get("max_consecutive_skips", 20))
+    max_skips = cfg.max_consecutive_skips
     pending = None  # previous step's metrics: read one step late so the host never waits
     last_summary: dict[str, float] = {}
     preempted = False
@@ -305,8 +305,7 @@ class Run:
         if step == start_step + 1 and start_step == 0:
           self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
           self.writer.write(step, "train_first", {"loss": self.first_loss})
-        if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
-          self._diverged(step - 1, pending)
+        self._stop_if_diverged(step - 1, pending, max_skips)
         pending = m
         if step % cfg.log_every == 0 or step == cfg.steps:
           last_summary = self.log(step, acc) or last_summary
@@ -327,8 +326,7 @@ class Run:
       self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
                           "same command to start")
       return {"step": step, "preempted": True, "last": last_summary, "first_loss": None}
-    if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
-      self._diverged(step, pending)
+    self._stop_if_diverged(step, pending, max_skips)
     self.save(step, force=True)
     self.checkpointer.wait()
     result = {"step": step, "preempted": preempted, "last": last_summary,
@@ -347,13 +345,17 @@ class Run:
         return result
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
-      if cfg.get("export_at_end", False) and self.is_main:
+      if cfg.export_at_end and self.is_main:
         r = export.export_run(str(self.workdir), str(self.workdir / "hf"), step=step,
                               overwrite=True)
         self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
 
-  def _diverged(self, step: int, m) -> None:
+  def _stop_if_diverged(self, step: int, m, max_skips: int) -> None:
+    """Raises once `max_skips` updates in a row were skipped (m: the metrics of `step`, read one
+    step late so the host never waits for the device)."""
+    if m is None or int(m["consecutive_skipped"]) < max_skips:
+      return
     self.checkpointer.wait()
     raise TrainingDiverged(
         f"{int(m['consecutive_skipped'])} consecutive updates had a non-finite loss or gradient "
