@@ -17,6 +17,9 @@ def audio_encoder_config(size: str) -> ml_collections.ConfigDict:
   c.chunk_frames = 400  # 2 * n_window; chunks are encoded independently
   c.layer_norm_eps = 1e-5
   c.mel_dtype = "bfloat16"  # the reference processor rounds the mel to bf16 before the stem
+  # auto | conv | patches: how the conv stem runs (moss_jax/model/encoder.py:stem_impl); auto
+  # picks a patch matmul on CPU from 32 channels, where XLA's strided-conv backward is slow.
+  c.conv_stem_impl = "auto"
   if size in ("4b", "8b"):
     c.d_model = 1280
     c.encoder_layers = 32

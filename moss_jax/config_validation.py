@@ -18,6 +18,7 @@ from moss_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+CONV_STEM_IMPLS = ("auto", "conv", "patches")  # moss_jax/model/encoder.py:STEM_IMPLS
 
 
 class ConfigError(UserError, ValueError):
@@ -57,6 +58,9 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
     problems.append(f"model.audio.mel_dtype={model.audio.mel_dtype!r}: choose one of {DTYPES}")
   if model.remat_policy not in REMAT_POLICIES:
     problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of {REMAT_POLICIES}")
+  if model.audio.get("conv_stem_impl", "auto") not in CONV_STEM_IMPLS:
+    problems.append(f"model.audio.conv_stem_impl={model.audio.conv_stem_impl!r}: choose one of "
+                    f"{CONV_STEM_IMPLS}")
   text, audio = model.text, model.audio
   if text.num_attention_heads % text.num_key_value_heads:
     problems.append(f"model.text.num_attention_heads ({text.num_attention_heads}) must be a "
