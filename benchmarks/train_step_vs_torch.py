@@ -1,6 +1,7 @@
 """One training step of the same model in moss_jax and in the tests' PyTorch reference, same CPU.
 
     python -m benchmarks.train_step_vs_torch [--shapes mid,demo] [--rounds 3] [--steps 4] [--quick]
+        [--variants "jax;unrolled:model.scan_unroll=4;conv_stem:model.audio.conv_stem_impl=conv"]
 
 Shapes (float32, AdamW on every parameter, gradient clipping at 1.0 in both frameworks):
   mid   encoder 512 x 4 layers (8 heads, ffn 2048, conv stem 64 ch, taps 0/1/2), adapter 1024,
@@ -21,6 +22,10 @@ machine load; the figures are medians over all timed steps of all rounds. Each j
 measures the float32 matmul peak (jitted 1024/2048/4096 squares, the best) in the same process:
 achieved FLOP/s (moss_jax/flops.py counts) over that peak is the step's share of the machine.
 Prints one JSON line per figure (see benchmarks/common.py) and the 1-minute load average.
+
+`--variants` compares moss_jax settings in the same run: `;`-separated NAME[:KEY=VALUE,...]
+entries, each a jax process per round (config overrides of the shape's config), all alternating
+with the torch process; every variant gets its own figures (default: one variant, `jax`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,31 @@ from benchmarks import common
 SHAPES = ("mid", "demo")
 
 
-def model_config(shape: str):
+def parse_variants(text: str) -> dict[str, dict[str, str]]:
+  """'a;b:model.x=1,model.y=z' -> {'a': {}, 'b': {'model.x': '1', 'model.y': 'z'}}."""
+  out = {}
+  for entry in filter(None, (e.strip() for e in text.split(";"))):
+    name, _, sets = entry.partition(":")
+    out[name] = dict(kv.split("=", 1) for kv in sets.split(",") if kv)
+  if not out:
+    raise ValueError(f"--variants names no variant: {text!r}")
+  return out
+
+
+def apply_overrides(config, overrides: dict[str, str]):
+  """Sets dotted config fields from strings, parsed as the field's current type."""
+  import ast
+  for key, raw in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    old = node[leaf] if leaf in node else None
+    node[leaf] = raw if isinstance(old, str) else ast.literal_eval(raw)
+  return config
+
+
+def model_config(shape: str, overrides: dict[str, str] | None = None):
   """config (configs/pretrain.py:demo, resized for `mid`), with the benchmark batch shape."""
   from configs import pretrain
   c = pretrain.get_config("demo")
@@ -57,7 +86,7 @@ def model_config(shape: str):
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
   c.data.feature_mode = "mel"
   c.mesh.shape = (1, 1, 1)
-  return c
+  return apply_overrides(c, overrides or {})
 
 
 AUDIO_ID = 3  # placeholder id in both frameworks' inputs
@@ -99,14 +128,15 @@ def jax_batch(config, arrays: dict) -> dict:
   return out
 
 
-def run_jax(shape: str, steps: int) -> dict:
+def run_jax(shape: str, steps: int, overrides: dict[str, str]) -> dict:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   from moss_jax import flops, sharding
   from moss_jax import train_step as ts
   from moss_jax.model import count_params
+  from moss_jax.model import encoder
 
-  config = model_config(shape)
+  config = model_config(shape, overrides)
   mesh = sharding.make_mesh(config.mesh)
   prog = ts.build_program(config, mesh)
   state = prog.init_state(jax.random.key(0))
@@ -127,7 +157,9 @@ def run_jax(shape: str, steps: int) -> dict:
   peak = max(flops.measure_matmul_peak(n, repeats=3) for n in (1024, 2048, 4096))
   return {"framework": "jax", "step_s": times, "compile_s": compile_s, "first_loss": first_loss,
           "params": count_params(state["params"]) + count_params(state["frozen"]),
-          "matmul_peak": peak, "jax": jax.__version__}
+          "matmul_peak": peak, "jax": jax.__version__,
+          "conv_stem_impl": encoder.stem_impl(config.model.audio),
+          "scan_unroll": config.model.get("scan_unroll", 1)}
 
 
 def torch_reference_config(config) -> dict:
@@ -153,7 +185,7 @@ def torch_reference_config(config) -> dict:
   return ref
 
 
-def run_torch(shape: str, steps: int) -> dict:
+def run_torch(shape: str, steps: int, overrides: dict[str, str]) -> dict:
   sys.path.insert(0, os.path.join(common.REPO, "tests"))
   import torch
   import torch_reference as tr
@@ -204,10 +236,11 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
-def _child(framework: str, shape: str, steps: int) -> dict:
+def _child(framework: str, shape: str, steps: int, overrides: dict[str, str]) -> dict:
   """Runs one framework in a fresh process and returns its JSON result."""
   cmd = [sys.executable, "-m", "benchmarks.train_step_vs_torch", "--child", framework,
-         "--shapes", shape, "--steps", str(steps)]
+         "--shapes", shape, "--steps", str(steps),
+         "--overrides", ",".join(f"{k}={v}" for k, v in overrides.items())]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [common.REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   out = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True, check=False)
@@ -216,43 +249,52 @@ def _child(framework: str, shape: str, steps: int) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(shape: str, rounds: int, steps: int) -> list[dict]:
+def compare(shape: str, rounds: int, steps: int, variants: dict[str, dict[str, str]]) -> list[dict]:
   from moss_jax import flops
   config = model_config(shape)
-  runs = {"jax": [], "torch": []}
+  runs = {name: [] for name in variants}
+  runs["torch"] = []
   loads = []
   for r in range(rounds):
-    order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
-    for fw in order:
-      runs[fw].append(_child(fw, shape, steps))
+    order = list(variants) + ["torch"]
+    if r % 2:
+      order.reverse()
+    for name in order:
+      fw = "torch" if name == "torch" else "jax"
+      runs[name].append(_child(fw, shape, steps, variants.get(name, {})))
       loads.append(os.getloadavg()[0])
-  med = {fw: statistics.median([t for run in rs for t in run["step_s"]])
-         for fw, rs in runs.items()}
-  peak = statistics.median(run["matmul_peak"] for run in runs["jax"])
+  med = {name: statistics.median([t for run in rs for t in run["step_s"]])
+         for name, rs in runs.items()}
   torch_peak = statistics.median(run["matmul_peak"] for run in runs["torch"])
   step_flops = flops.step_flops(config.model, config.data.batch_size, config.data.max_tokens,
                                 config.data.max_audio_chunks, "full")["total"]
-  ctx = {"shape": shape, "params_jax": runs["jax"][0]["params"],
-         "params_torch": runs["torch"][0]["params"], "rounds": rounds, "steps_per_round": steps,
-         "loadavg_1m": round(statistics.median(loads), 2),
-         "jax_step_s_all": [round(t, 4) for run in runs["jax"] for t in run["step_s"]],
-         "torch_step_s_all": [round(t, 4) for run in runs["torch"] for t in run["step_s"]]}
+  load = round(statistics.median(loads), 2)
   b = "train_step_vs_torch"
-  return [
-      common.figure(b, f"{shape}_jax_step_s", med["jax"], "s", "torch_step_s", med["torch"],
-                    speedup_vs_torch=med["torch"] / med["jax"], **ctx),
-      common.figure(b, f"{shape}_jax_gflop_per_s", step_flops / med["jax"] / 1e9, "GFLOP/s",
-                    "jax_f32_matmul_peak_gflop_per_s", peak / 1e9,
-                    share_of_peak=step_flops / med["jax"] / peak,
-                    torch_gflop_per_s=step_flops / med["torch"] / 1e9,
-                    torch_share_of_jax_peak=step_flops / med["torch"] / peak,
-                    torch_f32_matmul_2048_gflop_per_s=torch_peak / 1e9,
-                    step_gflop=step_flops / 1e9, shape=shape,
-                    loadavg_1m=ctx["loadavg_1m"]),
-      common.figure(b, f"{shape}_jax_compile_s",
-                    statistics.median(run["compile_s"] for run in runs["jax"]), "s",
-                    "jax_step_s", med["jax"], shape=shape),
-  ]
+  out = []
+  for name, overrides in variants.items():
+    jr = runs[name]
+    peak = statistics.median(run["matmul_peak"] for run in jr)
+    ctx = {"shape": shape, "variant": name, "overrides": overrides,
+           "conv_stem_impl": jr[0]["conv_stem_impl"], "scan_unroll": jr[0]["scan_unroll"],
+           "params_jax": jr[0]["params"], "params_torch": runs["torch"][0]["params"],
+           "rounds": rounds, "steps_per_round": steps, "loadavg_1m": load,
+           "jax_step_s_all": [round(t, 4) for run in jr for t in run["step_s"]],
+           "torch_step_s_all": [round(t, 4) for run in runs["torch"] for t in run["step_s"]]}
+    out += [
+        common.figure(b, f"{shape}_{name}_step_s", med[name], "s", "torch_step_s", med["torch"],
+                      speedup_vs_torch=med["torch"] / med[name], **ctx),
+        common.figure(b, f"{shape}_{name}_gflop_per_s", step_flops / med[name] / 1e9, "GFLOP/s",
+                      "jax_f32_matmul_peak_gflop_per_s", peak / 1e9,
+                      share_of_peak=step_flops / med[name] / peak,
+                      torch_gflop_per_s=step_flops / med["torch"] / 1e9,
+                      torch_share_of_jax_peak=step_flops / med["torch"] / peak,
+                      torch_f32_matmul_2048_gflop_per_s=torch_peak / 1e9,
+                      step_gflop=step_flops / 1e9, shape=shape, variant=name, loadavg_1m=load),
+        common.figure(b, f"{shape}_{name}_compile_s",
+                      statistics.median(run["compile_s"] for run in jr), "s",
+                      "jax_step_s", med[name], shape=shape, variant=name),
+    ]
+  return out
 
 
 def main(argv=None) -> int:
@@ -260,17 +302,22 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default="mid,demo", help=f"comma-separated, of {SHAPES}")
   parser.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds")
   parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+  parser.add_argument("--variants", default="jax",
+                      help="';'-separated NAME[:KEY=VALUE,...] moss_jax config variants")
   parser.add_argument("--quick", action="store_true", help="1 round of 2 steps (a smoke run)")
   parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     run = run_jax if args.child == "jax" else run_torch
-    print(json.dumps(run(args.shapes, args.steps)))
+    overrides = dict(kv.split("=", 1) for kv in args.overrides.split(",") if kv)
+    print(json.dumps(run(args.shapes, args.steps, overrides)))
     return 0
   if args.quick:
     args.rounds, args.steps = 1, 2
+  variants = parse_variants(args.variants)
   for shape in args.shapes.split(","):
-    for fig in compare(shape, args.rounds, args.steps):
+    for fig in compare(shape, args.rounds, args.steps, variants):
       common.emit(fig)
   return 0
 

@@ -143,6 +143,7 @@ class AudioEncoder(nn.Module):
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  scan_unroll: int = 1  # layers per scan iteration (config.model.scan_unroll)
 
   def stem(self, mel: Array) -> Array:
     """[N, 128, F] -> [N, T', D]: three stride-2 3x3 convs (NHWC, H = freq, W = time), stem_proj."""
@@ -215,6 +216,7 @@ class AudioEncoder(nn.Module):
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast, 0), length=cfg.encoder_layers,
+                   unroll=min(self.scan_unroll, cfg.encoder_layers),
                    metadata_params={nn.PARTITION_NAME: "layers"})
     buf = jnp.zeros((len(taps),) + x.shape, x.dtype) if taps else None
     (x, buf), _ = scan(layer_cls(name="layers", **kw), (x, buf), bias,

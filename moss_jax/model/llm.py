@@ -91,6 +91,7 @@ class Qwen3Model(nn.Module):
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  scan_unroll: int = 1  # layers per scan iteration (config.model.scan_unroll)
 
   def setup(self):
     cfg = self.config
@@ -103,6 +104,7 @@ class Qwen3Model(nn.Module):
       scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                         length=cfg.num_hidden_layers,
+                        unroll=min(self.scan_unroll, cfg.num_hidden_layers),
                         metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = scanned(**kw)
     else:
