@@ -81,7 +81,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   c.scan_layers = True
   # Layers per scan iteration (1 = a rolled loop; the layer count = fully unrolled, which drops the
   # scan's stacked residual buffers and their zero-fill + copy: faster on CPU, longer to compile).
-  c.scan_unroll = 1
+  # demo: all 4 layers unrolled (measured on the 2-core CPU: -9% step time, same compile time).
+  c.scan_unroll = 4 if size == "demo" else 1
   c.remat_policy = "none"  # none | full | dots | dots_no_batch
   return c
 
