@@ -58,6 +58,9 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
     problems.append(f"model.audio.mel_dtype={model.audio.mel_dtype!r}: choose one of {DTYPES}")
   if model.remat_policy not in REMAT_POLICIES:
     problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of {REMAT_POLICIES}")
+  unroll = model.get("scan_unroll", 1)
+  if not isinstance(unroll, int) or unroll < 1:
+    problems.append(f"model.scan_unroll={unroll!r}: a positive number of layers per scan step")
   if model.audio.get("conv_stem_impl", "auto") not in CONV_STEM_IMPLS:
     problems.append(f"model.audio.conv_stem_impl={model.audio.conv_stem_impl!r}: choose one of "
                     f"{CONV_STEM_IMPLS}")
