@@ -19,6 +19,7 @@ compare numbers from one run, not across runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data_pipelines import audio, features, manifest, pipeline, validate  # noqa: E402  pylint: disable=wrong-import-position
+from data_pipelines import audio, features, manifest, pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from moss_jax import batch as batch_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 FRAMES_PER_SECOND = batch_lib.SAMPLE_RATE / batch_lib.HOP_LENGTH
@@ -112,6 +113,17 @@ def baselines(paths: list[str], min_seconds: float) -> dict:
   return out
 
 
+def load_config(spec: str):
+  """'configs/pretrain.py:demo' -> that file's get_config('demo') (preset optional)."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "pretrain.py") + ":demo")
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.quick:
     args.batches, args.warmup, args.baseline_seconds = 5, 1, 1.0
-  config = validate.load_config(args.config)
+  config = load_config(args.config)
   results = [loader_throughput(config, mode, int(w), args.batches, args.warmup)
              for mode in args.modes.split(",") for w in args.workers.split(",")]
   base = baselines(_clip_paths(manifest.manifest_paths(config.data.train_manifests)),

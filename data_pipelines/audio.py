@@ -33,6 +33,7 @@ import os
 import re
 from typing import Iterator
 
+import av
 import numpy as np
 import soundfile
 import soxr
@@ -229,8 +230,7 @@ def _av_frame_samples(frame) -> np.ndarray:
 class _AvDecoder:
   """FFmpeg through PyAV, for containers libsndfile does not read (m4a/aac/mp4/webm...)."""
 
-  def __init__(self, path: str, av):
-    self._av = av
+  def __init__(self, path: str):
     self._path = path
     self._container = av.open(path)
     if not self._container.streams.audio:
@@ -281,7 +281,7 @@ class _AvDecoder:
         return
       # The seek landed after the target or lost timestamps: decode from the beginning.
       self._container.close()
-      self._container = self._av.open(self._path)
+      self._container = av.open(self._path)
       self._stream = self._container.streams.audio[0]
     index = 0
     for frame in self._container.decode(self._stream):
@@ -343,12 +343,7 @@ class _open_decoder:  # pylint: disable=invalid-name
       except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         problems.append(f"soundfile: {e}")
     try:
-      import av  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise self._error(errors.UNSUPPORTED_FORMAT, "; ".join(
-          problems + ["PyAV (pip install av) is needed to decode this file"])) from None
-    try:
-      self._decoder = _AvDecoder(self._path, av)
+      self._decoder = _AvDecoder(self._path)
       return self
     except _NoAudioStream:
       raise self._error(errors.UNSUPPORTED_FORMAT, "the file has no audio stream") from None

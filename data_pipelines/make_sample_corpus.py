@@ -1,6 +1,6 @@
 """Builds the tiny corpus shipped in data_pipelines/sample_corpus (the `demo` preset trains on it).
 
-    python -m data_pipelines.make_sample_corpus --out data_pipelines/sample_corpus [--seed 0]
+    python -m data_pipelines.make_sample_corpus --out=data_pipelines/sample_corpus [--seed=0]
 
 Why synthetic: the demo has to ship inside the repository (< 10 MB), train on a laptop CPU in
 minutes and carry timestamps that are exact, not estimated. So every clip is built from parts
@@ -18,7 +18,6 @@ function of --seed and the espeak-ng version (recorded in timeline.jsonl).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -26,12 +25,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
+import sentencepiece as spm
 import soundfile as sf
 import soxr
+from absl import flags
+
+from data_pipelines import templates, tokenizers
+from moss_jax import cli
+from moss_jax.errors import UserError
 
 ESPEAK = "espeak-ng"
 ESPEAK_RATE = 22050  # espeak-ng's native output rate
@@ -431,8 +435,6 @@ def train_tokenizer(out: str, manifests: list[str], vocab_size: int = VOCAB_SIZE
   Trained from memory into memory so no path ends up inside the model (rebuilds stay
   byte-identical wherever --out points).
   """
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  from data_pipelines import templates, tokenizers  # pylint: disable=import-outside-toplevel
   texts = [t for t in tokenizers.manifest_texts(manifests) if t]
   # The prompt strings occur in every sample the model sees, so they get a sample's weight each
   # and end up as a few pieces (shorter rows, faster demo) instead of letter soup.
@@ -484,15 +486,20 @@ def build(out: str, seed: int = 0) -> dict:
   return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "sample_corpus"))
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command (tests import this module)."""
+  flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "sample_corpus"),
+                      "Output directory.")
+  flags.DEFINE_integer("seed", 0, "Seed of every random choice (the corpus is a function of it).")
+
+
+def main(argv) -> None:
+  del argv  # cli.run rejects stray arguments
   if shutil.which(ESPEAK) is None:
-    sys.exit("espeak-ng is needed to rebuild the sample corpus (apt-get install espeak-ng)")
-  print(json.dumps(build(args.out, args.seed)))
+    raise UserError("espeak-ng is needed to rebuild the sample corpus (apt-get install espeak-ng)")
+  print(json.dumps(build(flags.FLAGS.out, flags.FLAGS.seed)))
 
 
 if __name__ == "__main__":
-  main()
+  _define_flags()
+  cli.run(main)

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from data_pipelines import errors
+from data_pipelines import audio, errors
 from data_pipelines.errors import BadRecordError
 from moss_jax import batch as batch_lib
 
@@ -435,8 +435,6 @@ def load_audios(sample: Sample, max_audio_seconds: float = math.inf) -> list[np.
   header read, not a decode. Raises BadRecordError (the audio module's reasons, too_short,
   too_long, bad_timestamps).
   """
-  from data_pipelines import audio  # pylint: disable=g-import-not-at-top
-
   waves = []
   for ref in sample.audios:
     expected = ref.duration

@@ -64,10 +64,6 @@ class BatchPacker:
   def empty(self) -> bool:
     return not self._placed
 
-  @property
-  def num_samples(self) -> int:
-    return len(self._placed)
-
   def try_add(self, sample: EncodedSample) -> bool:
     """Places the sample in the first row with room; False if no row has room."""
     for r, row in enumerate(self._rows):
@@ -84,11 +80,7 @@ class BatchPacker:
   def build(self) -> dict[str, np.ndarray]:
     """The batch dict (exactly `spec.shapes()`); padding rows/positions are inert."""
     spec = self.spec
-    shapes = spec.shapes()
-    out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
-    out["input_ids"][:] = spec.pad_id
-    out["labels"][:] = batch_lib.IGNORE_INDEX
-    out["audio_token_index"][:] = -1
+    out = batch_lib.empty_batch(spec.shapes(), spec.pad_id)
     feature_key = "audio_waveform" if spec.feature_mode == "waveform" else "audio_mel"
     for r, before, s in self._placed:
       t0, t1 = before.tokens, before.tokens + s.num_tokens

@@ -27,19 +27,24 @@ import json
 import math
 from typing import Any, Sequence
 
-from absl import logging
 import grain
-from grain.experimental import ThreadPrefetchIterDataset
 import numpy as np
+from absl import flags
+from grain.experimental import ThreadPrefetchIterDataset
 
-from data_pipelines import errors
+from data_pipelines import errors, features
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import packing
 from data_pipelines import templates
 from data_pipelines import tokenizers as tokenizers_lib
 from data_pipelines.errors import BadRecordError
+from moss_jax import batch as batch_lib
+from moss_jax import cli
 
 SAMPLE_READAHEAD = 16  # decoded samples buffered per reader (process or worker)
+# One warning per skipped record, until a reason has repeated often; then one in a thousand (per
+# process: each Grain worker counts its own). The exact counts are in bad_record_counts().
+_SKIP_WARNINGS = cli.LimitedWarnings()
 STATE_VERSION = 1
 
 
@@ -53,15 +58,14 @@ class Skipped:
 def attach_features(encoded: templates.EncodedSample, waveforms: Sequence[np.ndarray],
                     feature_mode: str) -> templates.EncodedSample:
   """Adds the per-chunk model inputs: waveform chunks (on-device mel) or host mel chunks."""
-  from data_pipelines import features  # pylint: disable=g-import-not-at-top
   if feature_mode == "waveform":
     parts = [features.waveform_chunks(w) for w in waveforms]
-    empty = (0, features.WAVEFORM_CHUNK_SAMPLES)
+    empty = (0, batch_lib.WAVEFORM_CHUNK_SAMPLES)
   elif feature_mode == "mel":
     parts = [features.mel_chunks(features.log_mel(w)) for w in waveforms]
-    empty = (0, features.NUM_MEL_BINS, features.CHUNK_FRAMES)
+    empty = (0, batch_lib.NUM_MEL_BINS, batch_lib.CHUNK_FRAMES)
   else:
-    raise ValueError(f"feature_mode must be 'waveform' or 'mel', got {feature_mode!r}")
+    raise ValueError(f"feature_mode must be one of {batch_lib.FEATURE_MODES}, got {feature_mode!r}")
   feats = np.concatenate(parts) if parts else np.zeros(empty, np.float32)
   if feats.shape[0] != encoded.num_chunks:
     raise AssertionError(f"{feats.shape[0]} feature chunks for {encoded.num_chunks} chunk slots "
@@ -98,7 +102,7 @@ class RecordEncoder:
       sample, waves = self.load(raw)
     except BadRecordError as e:
       where = e.record or f"{raw.manifest}:{raw.lineno}"
-      logging.warning("skipping record %s: %s", where, e)
+      _SKIP_WARNINGS.warn(e.reason, "skipping record %s: %s", where, e)
       return Skipped(e.reason, str(e))
     encoded = self.encode(sample, waves)
     return {f.name: getattr(encoded, f.name) for f in dataclasses.fields(encoded)}
@@ -167,8 +171,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
       if isinstance(item, dict):
         item = templates.EncodedSample(**item)
       if not packing.fits_empty_row(item, self._spec):
-        logging.warning("skipping record %s: %s: %s", item.source, errors.DOES_NOT_FIT,
-                        packing.does_not_fit_detail(item, self._spec))
+        _SKIP_WARNINGS.warn(errors.DOES_NOT_FIT, "skipping record %s: %s: %s", item.source,
+                            errors.DOES_NOT_FIT, packing.does_not_fit_detail(item, self._spec))
         _count(self._counts, errors.DOES_NOT_FIT)
         continue
       if not packer.try_add(item):
@@ -243,13 +247,13 @@ class BatchIterator(grain.DatasetIterator):
 def _ensure_absl_flags() -> None:
   # Grain's worker processes read an absl flag; outside an absl app (tests, notebooks) mark the
   # flags parsed so that read does not raise.
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
+    # Imported here: Grain's worker processes import this module and must not start JAX.
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -391,12 +395,12 @@ def make_generation_inputs(config, manifest: str | None = None, num_samples: int
       try:
         sample, waves = encoder.load(source[i])
       except BadRecordError as e:
-        logging.warning("skipping record %s: %s", e.record, e)
+        _SKIP_WARNINGS.warn(e.reason, "skipping record %s: %s", e.record, e)
         continue
       encoded = encoder.encode(sample, waves)
       if not packing.fits_empty_row(encoded, spec):
-        logging.warning("skipping record %s: %s: %s", sample.source, errors.DOES_NOT_FIT,
-                        packing.does_not_fit_detail(encoded, spec))
+        _SKIP_WARNINGS.warn(errors.DOES_NOT_FIT, "skipping record %s: %s: %s", sample.source,
+                            errors.DOES_NOT_FIT, packing.does_not_fit_detail(encoded, spec))
         continue
       packer = packing.BatchPacker(spec)
       packer.try_add(encoded)

@@ -70,12 +70,6 @@ class EncodedSample:
     return int(self.chunk_frames.shape[0])
 
 
-def chunk_frame_counts(num_frames: int) -> list[int]:
-  """Valid frames of each 400-frame chunk of a clip: 400, 400, ..., tail."""
-  full, tail = divmod(num_frames, batch_lib.CHUNK_FRAMES)
-  return [batch_lib.CHUNK_FRAMES] * full + ([tail] if tail else [])
-
-
 def format_time(seconds: float) -> str:
   """Centisecond timestamp in the reference's ASR format: 3.456 -> '[3.46]'."""
   return f"[{seconds:.2f}]"
@@ -190,7 +184,7 @@ def _audio_layout(waveforms: Sequence[np.ndarray]):
   chunk_frames, chunk_audio, first_chunks = [], [], []
   for i, f in enumerate(frames):
     first_chunks.append(len(chunk_frames))
-    counts = chunk_frame_counts(f)
+    counts = batch_lib.chunk_frame_counts(f)
     chunk_frames += counts
     chunk_audio += [i] * len(counts)
   return tokens, first_chunks, chunk_frames, chunk_audio

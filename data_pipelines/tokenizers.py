@@ -2,22 +2,30 @@
 
 The prompt templates need six special ids (audio placeholder, audio bos/eos, im_start/im_end, pad)
 and one id per decimal digit (time markers). Where they come from:
-  * config.data.tokenizer.<name> when set (e.g. configs/base.py QWEN3_SPECIAL_IDS);
+  * config.data.tokenizer.<name> when set (e.g. moss_jax/model_config.py QWEN3_SPECIAL_IDS);
   * sentencepiece: the pieces in SPECIAL_PIECES, which `train` adds as user-defined symbols;
   * Hugging Face: the token of that name if the vocab has it, else the Qwen3 reference id
     (spec 5.1: the reference reuses ids the Qwen3 vocab does not name).
 
 Train a small sentencepiece model on manifest text:
-  python -m data_pipelines.tokenizers train --manifest train.jsonl --vocab-size 512 --out tok
+  python -m data_pipelines.tokenizers --manifests=train.jsonl --vocab_size=512 --out=tok
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import os
-import sys
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import sentencepiece as spm
+import tokenizers as hf_tokenizers  # the Hugging Face package, not this module
+from absl import flags
+
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import templates
+from moss_jax import cli
+from moss_jax.errors import UserError
+from moss_jax.model_config import QWEN3_SPECIAL_IDS
 
 # Attribute name -> piece name. The pad piece is Qwen's <|endoftext|> (also its document end).
 SPECIAL_PIECES = {
@@ -29,10 +37,6 @@ SPECIAL_PIECES = {
     "pad_id": "<|endoftext|>",
 }
 SPECIAL_NAMES = tuple(SPECIAL_PIECES)
-QWEN3_DEFAULT_IDS = {
-    "audio_token_id": 151654, "audio_bos_id": 151669, "audio_eos_id": 151670,
-    "im_start_id": 151644, "im_end_id": 151645, "pad_id": 151643,
-}
 DIGITS = "0123456789"
 
 
@@ -126,7 +130,6 @@ class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model; specials are looked up by piece name."""
 
   def _load_model(self) -> None:
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(self.path):
       raise FileNotFoundError(f"sentencepiece model not found: {self.path}")
     self._sp = spm.SentencePieceProcessor(model_file=self.path)
@@ -158,17 +161,16 @@ class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` file (tokenizer.json, or a directory holding one), e.g. Qwen3's."""
 
   def _load_model(self) -> None:
-    from tokenizers import Tokenizer as HFNative  # pylint: disable=g-import-not-at-top
     path = self.path
     if os.path.isdir(path):
       path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer.json not found: {self.path}")
-    self._tok = HFNative.from_file(path)
+    self._tok = hf_tokenizers.Tokenizer.from_file(path)
 
   def _default_id(self, name: str) -> int:
     tid = self._tok.token_to_id(SPECIAL_PIECES[name])
-    return QWEN3_DEFAULT_IDS[name] if tid is None else tid
+    return QWEN3_SPECIAL_IDS[name] if tid is None else tid
 
   def _model_vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
@@ -197,8 +199,6 @@ def load_tokenizer(cfg: Any) -> Tokenizer:
 
 def manifest_texts(paths: Sequence[str]) -> Iterator[str]:
   """Every text a template can emit for the samples of the manifests (bad lines skipped)."""
-  from data_pipelines import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from data_pipelines import templates  # pylint: disable=g-import-not-at-top
   yield from templates.fixed_texts()
   for path in paths:
     for sample in manifest_lib.read_manifest(path):
@@ -215,7 +215,6 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int, 
   Identity normalisation and no dummy prefix keep text and newlines byte-exact, so template
   pieces encoded separately concatenate to what the template means.
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   texts = [t for t in texts if t]
   if not texts:
     raise ValueError("no text to train a tokenizer on")
@@ -232,26 +231,33 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int, 
   return out_prefix + ".model"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tokenizers")
-  sub = parser.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train a sentencepiece model on manifest text")
-  train.add_argument("--manifest", nargs="+", required=True, help="JSONL manifests")
-  train.add_argument("--vocab-size", type=int, required=True)
-  train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model/.vocab")
-  train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
-  train.add_argument("--no-byte-fallback", action="store_true",
-                     help="drop the 256 byte pieces (unseen characters become <unk>)")
-  train.add_argument("--character-coverage", type=float, default=1.0)
-  args = parser.parse_args(argv)
-  paths = [p for m in args.manifest for p in m.split(",") if p]
-  model = train_sentencepiece(manifest_texts(paths), args.out, args.vocab_size,
-                              model_type=args.model_type, byte_fallback=not args.no_byte_fallback,
-                              character_coverage=args.character_coverage)
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing this module (train,
+  validate) adds no flags to another program."""
+  flags.DEFINE_list("manifests", None, "JSONL manifests whose text the tokenizer learns (a,b,c).")
+  flags.DEFINE_integer("vocab_size", None, "Pieces of the model (the LLM's embedding rows).")
+  flags.DEFINE_string("out", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.")
+  flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "sentencepiece model type.")
+  flags.DEFINE_bool("byte_fallback", True, "Keep the 256 byte pieces (--nobyte_fallback: unseen "
+                    "characters become <unk>).")
+  flags.DEFINE_float("character_coverage", 1.0, "Share of characters covered by pieces.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv  # cli.run rejects stray arguments
+  cli.require("manifests", "vocab_size", "out")
+  f = flags.FLAGS
+  paths = [p for p in f.manifests if p]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise UserError(f"manifest not found: {', '.join(missing)}")
+  model = train_sentencepiece(manifest_texts(paths), f.out, f.vocab_size,
+                              model_type=f.model_type, byte_fallback=f.byte_fallback,
+                              character_coverage=f.character_coverage)
   tok = SentencePieceTokenizer(model)
   print(f"wrote {model}: {tok.vocab_size} pieces")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

@@ -1,7 +1,8 @@
 """Checks manifests before a run spends accelerator time on them.
 
-    python -m data_pipelines.validate MANIFEST.jsonl [MORE.jsonl ...] [--max-audio-seconds 600]
-                                      [--config configs/pretrain.py:demo] [--workers N] [--json]
+    python -m data_pipelines.validate --manifests=A.jsonl[,B.jsonl ...] [--max_audio_seconds=600]
+        [--config=configs/pretrain.py:demo [--config.data.max_tokens=2048 ...]] [--workers=N]
+        [--json]
 
 Every record is parsed and every audio decoded by the training pipeline's own map step
 (pipeline.RecordEncoder.load), so a record this tool accepts is one the pipeline will not skip
@@ -14,25 +15,27 @@ Checks, by the reason they report (data_pipelines/errors.py):
   malformed_json / bad_encoding / missing_field / bad_field   the record itself
   missing_file / empty_file / corrupt_audio / unsupported_format / non_finite_audio   the audio
   too_short   under one encoder token (8 mel frames, 80 ms)
-  too_long    over --max-audio-seconds
+  too_long    over --max_audio_seconds
   bad_timestamps   segments out of order, ending before they start, or past the end of the audio
   does_not_fit     (--config) the encoded record needs more tokens or audio chunks than one row
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import importlib.util
 import json
 import multiprocessing
 import os
-import sys
 from typing import Iterable, Iterator
+
+from absl import flags
+from ml_collections import config_flags
 
 from data_pipelines import errors, manifest, packing, pipeline, tokenizers
 from moss_jax import batch as batch_lib
+from moss_jax import cli, progress
+from moss_jax.errors import UserError
 
 DEFAULT_MAX_AUDIO_SECONDS = 600.0  # the reference's recommended ceiling (spec section 7)
 
@@ -72,6 +75,15 @@ def check_line(raw: manifest.RawLine, encoder: pipeline.RecordEncoder,
   return Result(source, task=sample.task, seconds=sum(lengths), audios=audios)
 
 
+def count_lines(paths: Iterable[str]) -> int:
+  """Non-blank lines of the manifests (the progress bar's total)."""
+  n = 0
+  for path in paths:
+    with open(path, "rb") as f:
+      n += sum(1 for line in f if line.strip())
+  return n
+
+
 def _raw_lines(paths: Iterable[str]) -> Iterator[manifest.RawLine]:
   for path in paths:
     with open(path, "rb") as f:
@@ -82,17 +94,6 @@ def _raw_lines(paths: Iterable[str]) -> Iterator[manifest.RawLine]:
 
 def _check_star(args) -> Result:
   return check_line(*args)
-
-
-def load_config(spec: str):
-  """'configs/pretrain.py:demo' -> that file's get_config('demo') (preset optional)."""
-  path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_validate_config", path)
-  if module_spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
 
 
 def make_checker(config=None, max_audio_seconds: float | None = None):
@@ -166,34 +167,45 @@ class Summary:
             f"problems: {problems}")
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m data_pipelines.validate",
-      description="Decode every audio of the manifests and report every bad record.")
-  parser.add_argument("manifests", nargs="+", metavar="MANIFEST")
-  parser.add_argument("--max-audio-seconds", type=float, default=None,
-                      help=f"longest clip accepted (default: the config's data.max_audio_seconds, "
-                      f"else {DEFAULT_MAX_AUDIO_SECONDS:g})")
-  parser.add_argument("--config", default=None, metavar="FILE[:PRESET]",
-                      help="also encode each record as this config trains it and check it fits "
-                      "a row (e.g. configs/pretrain.py:demo)")
-  parser.add_argument("--workers", type=int, default=0,
-                      help="decoding processes (0 = in this process)")
-  parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
-  args = parser.parse_args(argv)
-  missing = [p for p in args.manifests if not os.path.isfile(p)]
+def run(manifests: list[str], max_audio_seconds: float | None = None, workers: int = 0,
+        config=None, as_json: bool = False) -> int:
+  """Checks the manifests, prints every problem and the summary; 1 when any record has a problem.
+
+  Raises UserError when a manifest does not exist.
+  """
+  missing = [p for p in manifests if not os.path.isfile(p)]
   if missing:
-    print(f"manifest not found: {', '.join(missing)}", file=sys.stderr)
-    return 2
-  config = load_config(args.config) if args.config else None
+    raise UserError(f"manifest not found: {', '.join(missing)}")
   summary = Summary()
-  for result in check_manifests(args.manifests, args.max_audio_seconds, args.workers, config):
+  results = check_manifests(manifests, max_audio_seconds, workers, config)
+  for result in progress.track(results, "checking records", total=count_lines(manifests)):
     summary.add(result)
     if result.reason:
       print(result.problem_line(), flush=True)
-  print(json.dumps(summary.as_dict()) if args.json else summary.text())
+  print(json.dumps(summary.as_dict()) if as_json else summary.text())
   return 1 if summary.problems else 0
 
 
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing this module (tests,
+  benchmarks) adds no flags to another program."""
+  flags.DEFINE_list("manifests", None, "JSONL manifests to check (a.jsonl,b.jsonl).")
+  flags.DEFINE_float("max_audio_seconds", None, "Longest clip accepted (default: the config's "
+                     f"data.max_audio_seconds, else {DEFAULT_MAX_AUDIO_SECONDS:g}).")
+  config_flags.DEFINE_config_file(
+      "config", None, "Also encode each record as this config trains it and check it fits a "
+      "row (e.g. configs/pretrain.py:demo); its fields take overrides: --config.data.max_tokens=N.")
+  flags.DEFINE_integer("workers", 0, "Decoding processes (0 = in this process).")
+  flags.DEFINE_bool("json", False, "Print the summary as one JSON line.")
+
+
+def main(argv) -> int:
+  del argv  # cli.run rejects stray arguments
+  cli.require("manifests")
+  f = flags.FLAGS
+  return run([p for p in f.manifests if p], f.max_audio_seconds, f.workers, f.config, f.json)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

@@ -1,5 +1,8 @@
 """The batch schema: the one contract shared by `data_pipelines` (producer) and `moss_jax` (consumer).
 
+Bottom layer (docs/architecture.md): NumPy only, no JAX, so the data pipeline and the model both
+build on it. It is also the one home of the audio constants and the chunk arithmetic.
+
 Every array has a static shape derived from the config, so the train step compiles once:
 
   B = data.batch_size (global rows; each process feeds B / process_count rows)
@@ -44,6 +47,7 @@ STFT_CONTEXT = N_FFT // 2  # 200 samples of reflect/real context before each fra
 WAVEFORM_CHUNK_SAMPLES = (CHUNK_FRAMES - 1) * HOP_LENGTH + N_FFT  # 64240
 IGNORE_INDEX = -100
 
+FEATURE_MODES = ("waveform", "mel")  # mel on the accelerator | NumPy mel on the host
 TASKS = ("asr", "asr_timestamps", "caption", "qa", "text")
 
 TOKEN_FIELDS = ("input_ids", "labels", "segment_ids", "positions", "task_ids", "audio_token_index")
@@ -55,17 +59,20 @@ def num_mel_frames(num_samples: int) -> int:
   return num_samples // HOP_LENGTH
 
 
-def num_audio_tokens(num_frames: int) -> int:
-  """Encoder tokens (= audio placeholders) for a clip of `num_frames` mel frames: ceil(T / 8)."""
-  n = num_frames
-  for _ in range(3):
-    n = (n - 1) // 2 + 1 if n > 0 else 0
-  return n
+def num_audio_tokens(num_frames):
+  """Encoder tokens (= audio placeholders) of `num_frames` mel frames: ceil(T / 8).
+
+  Three stride-2 convolutions (kernel 3, padding 1) map T frames to ceil(ceil(ceil(T/2)/2)/2)
+  = ceil(T / 8). Works on ints, NumPy and JAX integer arrays alike (the encoder's padding mask
+  uses it on device).
+  """
+  return -(-num_frames // DOWNSAMPLE)
 
 
-def num_chunks(num_frames: int) -> int:
-  """4-second chunks the encoder cuts a clip into."""
-  return -(-num_frames // CHUNK_FRAMES)
+def chunk_frame_counts(num_frames: int) -> list[int]:
+  """Valid frames of each 400-frame chunk of a clip: [400, ..., 400, tail] (none for 0 frames)."""
+  full, tail = divmod(int(num_frames), CHUNK_FRAMES)
+  return [CHUNK_FRAMES] * full + ([tail] if tail else [])
 
 
 def batch_shapes(batch_size: int, max_tokens: int, max_audio_chunks: int,
@@ -79,7 +86,7 @@ def batch_shapes(batch_size: int, max_tokens: int, max_audio_chunks: int,
   elif feature_mode == "mel":
     shapes["audio_mel"] = ((b, c, NUM_MEL_BINS, CHUNK_FRAMES), np.dtype(np.float32))
   else:
-    raise ValueError(f"feature_mode must be 'waveform' or 'mel', got {feature_mode!r}")
+    raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {feature_mode!r}")
   return shapes
 
 
@@ -88,6 +95,21 @@ def batch_shapes_from_config(config, batch_size: int | None = None):
   data = config.data
   return batch_shapes(batch_size or data.batch_size, data.max_tokens, data.max_audio_chunks,
                       data.feature_mode)
+
+
+def empty_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], pad_id: int = 0
+                ) -> dict[str, np.ndarray]:
+  """An all-padding batch of `shapes`: the padding convention of every field in one place.
+
+  input_ids hold `pad_id`, labels IGNORE_INDEX, audio_token_index -1 (no audio), everything else
+  0 (segment 0 = padding, chunk slots with 0 frames = empty). Such rows add nothing to the loss
+  or the token counts, so they fill a partly used batch or a process that has run out of rows.
+  """
+  out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
+  out["input_ids"][:] = pad_id
+  out["labels"][:] = IGNORE_INDEX
+  out["audio_token_index"][:] = -1
+  return out
 
 
 def check_batch(batch: dict, shapes: dict) -> None:

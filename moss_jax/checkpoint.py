@@ -25,6 +25,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+from moss_jax import optim
 
 STATE, DATA, CONFIG = "state", "data", "config"
 _COMMIT_FILE = "commit_success.txt"
@@ -42,7 +45,8 @@ class DataStateHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
     """{"processes": [state of process 0, 1, ...]}: every process's file, so a run may resume
-    on another process count when its loader can redistribute the states (train.ShardedLoader)."""
+    on another process count when its loader can redistribute the states
+    (data_pipelines/loader.py ShardedLoader)."""
     files = sorted(directory.glob("process_*-of-*.json"),
                    key=lambda p: int(p.name.split("_")[1].split("-")[0]))
     if not files:
@@ -109,7 +113,6 @@ def quarantine_incomplete(directory: str | os.PathLike) -> list[str]:
                         path, target)
         moved.append(str(target))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("moss_jax_checkpoint_quarantine")
   return moved
 
@@ -140,10 +143,6 @@ class Checkpointer:
         self.directory, options=options, item_names=(STATE, DATA, CONFIG),
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStateHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})
-
-  def latest_step(self) -> int | None:
-    steps = complete_steps(self.directory)
-    return steps[-1] if steps else None
 
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step > 0 and step % self.every == 0
@@ -201,7 +200,6 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   For moving between stages (stage 1 -> stage 2): the saved split may differ from the new one,
   so both halves are read without the optimizer state and placed as `abstract_params` says.
   """
-  from moss_jax import optim
   directory = os.path.abspath(directory)
   steps = complete_steps(directory)
   if step is None:
@@ -229,6 +227,5 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
 
 
 def _shardings_by_path(abstract_params: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  from moss_jax import optim
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params)
   return {optim.path_str(p): leaf for p, leaf in flat}

@@ -6,7 +6,6 @@ on 8 devices) fails in a second with the reason instead of deep inside XLA.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -14,10 +13,11 @@ from absl import logging
 
 from moss_jax import batch as batch_lib
 from moss_jax import optim
+from moss_jax import sharding
 from moss_jax.errors import UserError
+from moss_jax.model.layers import REMAT_POLICY_NAMES
+from moss_jax.model_config import DTYPES, num_mergers
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 CONV_STEM_IMPLS = ("auto", "conv", "patches")  # moss_jax/model/encoder.py:STEM_IMPLS
 
 
@@ -29,25 +29,12 @@ class ConfigError(UserError, ValueError):
     super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
 
 
-def _mesh_dims(shape, num_devices: int, problems: list[str]) -> tuple[int, int, int] | None:
-  shape = tuple(int(s) for s in shape)
-  if len(shape) != 3:
-    problems.append(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+def _mesh_dims(shape, num_devices: int, problems: list[str]) -> tuple[int, ...] | None:
+  try:
+    return sharding.mesh_shape(shape, num_devices)
+  except ValueError as e:
+    problems.append(f"mesh.shape: {e}")
     return None
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    problems.append(f"mesh.shape {shape}: entries must be positive, with at most one -1")
-    return None
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if num_devices % known:
-      problems.append(f"mesh.shape {shape}: {known} does not divide the {num_devices} devices")
-      return None
-    shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(shape) != num_devices:
-    problems.append(f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} "
-                    "are available (use -1 for the axis that takes the rest)")
-    return None
-  return shape
 
 
 def _check_model(model, tensor: int, problems: list[str]) -> None:
@@ -56,8 +43,9 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
       problems.append(f"model.{name}={model[name]!r}: choose one of {DTYPES}")
   if model.audio.mel_dtype not in DTYPES:
     problems.append(f"model.audio.mel_dtype={model.audio.mel_dtype!r}: choose one of {DTYPES}")
-  if model.remat_policy not in REMAT_POLICIES:
-    problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of {REMAT_POLICIES}")
+  if model.remat_policy not in REMAT_POLICY_NAMES:
+    problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of "
+                    f"{REMAT_POLICY_NAMES}")
   unroll = model.get("scan_unroll", 1)
   if not isinstance(unroll, int) or unroll < 1:
     problems.append(f"model.scan_unroll={unroll!r}: a positive number of layers per scan step")
@@ -79,7 +67,7 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
   if bad_taps:
     problems.append(f"model.audio.deepstack_encoder_layer_indexes {bad_taps} are not encoder "
                     f"layers (0..{audio.encoder_layers - 1})")
-  n_mergers = min(len(audio.deepstack_encoder_layer_indexes), model.deepstack_num_inject_layers)
+  n_mergers = num_mergers(model)
   if n_mergers > text.num_hidden_layers:
     problems.append(f"{n_mergers} DeepStack mergers inject into more layers than the LLM has "
                     f"({text.num_hidden_layers})")
@@ -112,8 +100,9 @@ def _check_data(data, rows_per_shard_divisor: int, process_count: int, grad_accu
     problems.append(f"data.max_tokens must be at least 2, got {data.max_tokens}")
   if data.max_audio_chunks < 1:
     problems.append(f"data.max_audio_chunks must be at least 1, got {data.max_audio_chunks}")
-  if data.feature_mode not in ("waveform", "mel"):
-    problems.append(f"data.feature_mode={data.feature_mode!r}: choose 'waveform' or 'mel'")
+  if data.feature_mode not in batch_lib.FEATURE_MODES:
+    problems.append(f"data.feature_mode={data.feature_mode!r}: choose one of "
+                    f"{batch_lib.FEATURE_MODES}")
   if data.max_audio_seconds > data.max_audio_chunks * batch_lib.CHUNK_FRAMES / 100.0:
     # Not fatal: longer clips are skipped as does_not_fit instead of too_long.
     logging.warning("data.max_audio_seconds (%s) exceeds what data.max_audio_chunks (%d) x 4 s "
@@ -138,7 +127,7 @@ def _check_data(data, rows_per_shard_divisor: int, process_count: int, grad_accu
     if data.eval_manifest and not os.path.exists(data.eval_manifest):
       problems.append(f"eval manifest not found: {data.eval_manifest}")
     tok = data.tokenizer
-    if not tok.get("path"):
+    if not tok.path:
       problems.append("data.tokenizer.path is empty: point it at the tokenizer model/directory")
     elif not os.path.exists(tok.path):
       problems.append(f"tokenizer not found: {tok.path}")
@@ -168,13 +157,13 @@ def _check_optim_train(optim_cfg, train, problems: list[str]) -> None:
       problems.append(f"train.{name} must be >= 0, got {train[name]}")
   if train.log_every == 0:
     problems.append("train.log_every must be at least 1")
-  if train.get("max_consecutive_skips", 1) < 1:
+  if train.max_consecutive_skips < 1:
     problems.append("train.max_consecutive_skips must be at least 1")
   if train.init_from and (train.init_llm_from or train.init_encoder_from):
     problems.append("train.init_from loads the whole model: do not combine it with "
                     "train.init_llm_from / train.init_encoder_from")
   for name in ("init_from", "init_llm_from", "init_encoder_from", "init_from_checkpoint"):
-    path = train.get(name, "")
+    path = train[name]
     if path and not os.path.exists(path):
       problems.append(f"train.{name} not found: {path}")
 

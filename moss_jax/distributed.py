@@ -15,6 +15,7 @@ import threading
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = "MOSS_JAX_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "MOSS_JAX_NUM_PROCESSES"
@@ -78,12 +79,6 @@ class StopSignal:
     logging.warning("received signal %d: checkpointing and stopping", signum)
     self._event.set()
 
-  def set(self) -> None:
-    self._event.set()
-
-  def local(self) -> bool:
-    return self._event.is_set()
-
   def should_stop(self, step: int, every: int = 10) -> bool:
     """Whether any process received the signal.
 
@@ -96,7 +91,6 @@ class StopSignal:
       return flag
     if step % every:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array([flag], np.int32))
     return bool(np.any(flags))
 

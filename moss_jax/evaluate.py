@@ -14,7 +14,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jiwer
 import numpy as np
+from jax.experimental import multihost_utils
 
+from data_pipelines import pipeline, tokenizers
 from moss_jax import batch as batch_lib
 from moss_jax import generate
 from moss_jax.metrics import summarize_stats
@@ -39,19 +41,13 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
 
 def empty_batch(config, rows: int) -> dict[str, np.ndarray]:
   """A batch with no tokens (all padding): what a process with no eval rows left contributes."""
-  shapes = batch_lib.batch_shapes(rows, config.data.max_tokens, config.data.max_audio_chunks,
-                                  config.data.feature_mode)
-  out = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
-  out["labels"][:] = batch_lib.IGNORE_INDEX
-  out["audio_token_index"][:] = -1
-  return out
+  return batch_lib.empty_batch(batch_lib.batch_shapes_from_config(config, rows))
 
 
 def _global_count(n: int) -> int:
   """The largest `n` over processes (each must run the same number of collective steps)."""
   if jax.process_count() == 1:
     return n
-  from jax.experimental import multihost_utils
   return int(np.max(multihost_utils.process_allgather(np.array([n], np.int64))))
 
 
@@ -92,7 +88,6 @@ def transcribe(model, params, config, inputs, mesh, max_new_tokens: int,
 def asr_eval(model, params, config, manifest: str, num_samples: int, mesh,
              max_new_tokens: int, tasks: Sequence[str] = ("asr",)) -> dict[str, Any]:
   """Greedy-decode the first `num_samples` records of `tasks` in `manifest`; CER / WER."""
-  from data_pipelines import pipeline, tokenizers
   tok = tokenizers.load_tokenizer(config.data.tokenizer)
   # Manifests interleave tasks: read enough records to find num_samples of the wanted ones.
   inputs = pipeline.make_generation_inputs(config, manifest, num_samples=num_samples * 8)

@@ -20,7 +20,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+import jax.numpy as jnp
+
 from moss_jax import batch as batch_lib
+from moss_jax.model_config import num_mergers
 
 # Parameter groups, in the order data flows through them.
 ENCODER, ADAPTER, LLM = "encoder", "adapter", "llm"
@@ -91,11 +95,6 @@ def encoder_products(audio, num_chunks: int, chunk_frames: int = batch_lib.CHUNK
   ]
 
 
-def num_mergers(model_config) -> int:
-  return min(len(model_config.audio.deepstack_encoder_layer_indexes),
-             model_config.deepstack_num_inject_layers)
-
-
 def adapter_products(model_config, num_audio_tokens: int):
   """The adapter and every DeepStack merger, each a SwiGLU MLP over all encoder tokens."""
   d, a = model_config.audio.d_model, model_config.adapter_hidden_size
@@ -126,7 +125,7 @@ def llm_products(text, batch_size: int, seq_len: int, causal_factor: float = 0.5
 def model_products(model_config, batch_size: int, max_tokens: int, max_audio_chunks: int,
                    causal_factor: float = 0.5):
   chunks = batch_size * max_audio_chunks
-  tokens_per_chunk = batch_lib.num_audio_tokens(batch_lib.CHUNK_FRAMES)
+  tokens_per_chunk = batch_lib.TOKENS_PER_CHUNK
   return (encoder_products(model_config.audio, chunks)
           + adapter_products(model_config, chunks * tokens_per_chunk)
           + llm_products(model_config.text, batch_size, max_tokens, causal_factor))
@@ -158,8 +157,6 @@ def config_step_flops(config, causal_factor: float = 0.5) -> float:
 def measure_matmul_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5,
                         device=None) -> float:
   """Measured FLOP/s of an n x n matmul on one device (best of `repeats`); the CPU's own peak."""
-  import jax
-  import jax.numpy as jnp
   device = device or jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x: x @ x)
@@ -179,7 +176,6 @@ def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
   forced host "devices" share the same cores, so the figure is one measured f32 matmul per
   process (it already uses every core), times the process count.
   """
-  import jax
   devices = jax.devices()
   if override_per_device and override_per_device > 0:
     return float(override_per_device) * len(devices), "config"

@@ -11,6 +11,7 @@ per token, and it stops when every row has emitted an end token or the buffer is
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -20,11 +21,16 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data_pipelines import pipeline, tokenizers
+from moss_jax import checkpoint
 from moss_jax import sharding as sharding_lib
-from moss_jax.model import gather_audio
+from moss_jax import train_step as ts
+from moss_jax.model import MossAudioModel, gather_audio
+from moss_jax.model.mel import model_audio_mel
 
 
 def _llm_logits_at(module, input_ids, positions, segment_ids, adapter_out, merger_outs,
@@ -71,7 +77,6 @@ def _greedy_fn(model, max_new_tokens: int, mesh=None):
 
 
 def _greedy(model, model_config, params, batch, prompt_len, stop_ids, max_new_tokens: int):
-  from moss_jax.model.mel import model_audio_mel
   variables = {"params": params}
   mel = model_audio_mel(batch, model_config)
   adapter_out, merger_outs = model.apply(variables, mel, batch["audio_chunk_frames"],
@@ -142,9 +147,6 @@ def stack_prompts(prompts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
 
 def _load_run(workdir: str, mesh):
   """(config, model, params) of the newest checkpoint of a training run."""
-  import ml_collections
-  from moss_jax import checkpoint, train_step as ts
-  from moss_jax.model import MossAudioModel
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   prog_params = ts.abstract_params_with_shardings(config.model, mesh)
@@ -153,8 +155,6 @@ def _load_run(workdir: str, mesh):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-  from data_pipelines import pipeline, tokenizers
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training run directory (checkpoints/)")
   parser.add_argument("--audio", required=True, nargs="+", help="audio files")
@@ -182,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def ml_collections_mesh():
-  import ml_collections
   return ml_collections.ConfigDict({"shape": (1, -1, 1), "axis_names": sharding_lib.MESH_AXES})
 
 

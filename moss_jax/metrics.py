@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from moss_jax import batch as batch_lib
@@ -58,7 +59,6 @@ class Accumulator:
 
   def summary(self, tasks: Sequence[str] = batch_lib.TASKS) -> dict[str, float]:
     """Token-weighted losses, accuracy, per-task losses and throughput; resets the interval."""
-    import jax
     host = jax.device_get(self._pending)
     elapsed = time.perf_counter() - self._t0
     n = len(host)
@@ -137,7 +137,8 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
-      from tensorboardX import SummaryWriter
+      # Imported here: only process 0 writes event files, and tensorboardX loads protobuf.
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
   def console(self, line: str) -> None:

@@ -8,6 +8,7 @@ process index is read from JAX only if the program already imported it.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, TypeVar
 
@@ -91,11 +92,50 @@ class Progress:
 
 
 def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "",
-          enabled: bool | None = None) -> Iterator[T]:
+          enabled: bool | None = None, stream=None) -> Iterator[T]:
   """Yields `items`, advancing a progress bar by one per item."""
   if total is None and hasattr(items, "__len__"):
     total = len(items)  # type: ignore[arg-type]
-  with Progress(total, desc, unit=unit, enabled=enabled) as bar:
+  with Progress(total, desc, unit=unit, enabled=enabled, stream=stream) as bar:
     for item in items:
       yield item
       bar.update(1)
+
+
+class Waiting:
+  """`with Waiting("restoring checkpoint 200"): ...`: elapsed seconds for one long call that
+  reports no progress of its own (an Orbax restore); redrawn twice a second from a thread."""
+
+  def __init__(self, desc: str, enabled: bool | None = None, stream=None):
+    self.desc = desc
+    self.stream = stream or sys.stderr
+    if enabled is None:
+      enabled = _is_main_process() and getattr(self.stream, "isatty", lambda: False)()
+    self.enabled = enabled
+    self._start = time.monotonic()
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._tick, daemon=True)
+
+  def line(self) -> str:
+    return f"{self.desc}: {time.monotonic() - self._start:.0f} s"
+
+  def _tick(self) -> None:
+    while not self._done.wait(0.5):
+      self.stream.write("\r\033[K" + self.line())
+      self.stream.flush()
+
+  def __enter__(self) -> "Waiting":
+    self._start = time.monotonic()
+    if self.enabled:
+      self.stream.write(self.line())
+      self.stream.flush()
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if not self.enabled:
+      return
+    self._done.set()
+    self._thread.join()
+    self.stream.write("\r\033[K" + self.line() + "\n")
+    self.stream.flush()

@@ -46,17 +46,25 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills the single -1 entry with the devices left over; checks the product."""
+  """config.mesh.shape resolved for `num_devices`: the single -1 entry takes the devices left over.
+
+  Raises ValueError saying what is wrong (config validation reports the same message).
+  """
   shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {shape} has more than one -1")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape}: entries must be positive (or one -1)")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices")
+      raise ValueError(f"mesh shape {shape}: {known} does not divide the {num_devices} devices")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices but {num_devices} are "
+                     "available (use -1 for the axis that takes the rest)")
   return shape
 
 
@@ -64,7 +72,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over (data, fsdp, tensor) from config.mesh.shape (-1 = the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  names = tuple(mesh_config.get("axis_names", MESH_AXES))
+  names = MESH_AXES  # the logical rules above name these axes
   shape = mesh_shape(mesh_config.shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(shape)
   try:
@@ -84,12 +92,6 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
 def logical_to_mesh_sharding(logical_spec_tree: Any, mesh: Mesh) -> Any:
   """PartitionSpec tree of logical names -> NamedSharding tree on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, LOGICAL_AXIS_RULES)
-
-
-def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
-  """NamedSharding for every parameter of the model (no allocation)."""
-  from moss_jax.model import params  # imported here: params imports this module lazily too
-  return logical_to_mesh_sharding(params.param_logical_axes(model_config), mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -11,15 +11,22 @@ host; see moss_jax/distributed.py for how the processes find each other.
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-from absl import app, flags, logging
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
-import numpy as np
+
+from data_pipelines import pipeline, tokenizers
+from data_pipelines.loader import ShardedLoader, global_bad_record_counts
+from moss_jax import checkpoint, cli, config_validation, distributed, evaluate, flops, hf, metrics
+from moss_jax import progress, sharding
+from moss_jax import train_step as ts
+from moss_jax.config_validation import ConfigError
+from moss_jax.errors import UserError
+from moss_jax.model import count_params, init_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.",
                                           lock_config=True)
@@ -28,82 +35,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
 
-EXIT_PREEMPTED = 0  # a SIGTERM stop is a clean exit: the scheduler restarts the same command
 
-
-class TrainingDiverged(RuntimeError):
-  """Too many consecutive non-finite updates."""
-
-
-# ----------------------------------------------------------------------------- data
-
-class ShardedLoader:
-  """This process's slice of the training data, as `num_shards` independent shard loaders.
-
-  The data order depends only on data.seed and the shard count (train.data_shards, default the
-  process count), never on how many processes read the shards: process p reads shards
-  [p*k, (p+1)*k) and stacks their rows. So a 1-process run with data_shards=2 sees exactly the
-  batches of a 2-process run, and a run may resume on a different process count.
-  """
-
-  def __init__(self, config, process_index: int, process_count: int):
-    from data_pipelines import pipeline
-    shards = int(config.train.get("data_shards", 0)) or process_count
-    if shards % process_count:
-      raise ValueError(f"train.data_shards={shards} is not divisible by {process_count} processes")
-    per = shards // process_count
-    self.num_shards = shards
-    self.shard_ids = list(range(process_index * per, (process_index + 1) * per))
-    self.loaders = [pipeline.make_train_loader(config, process_index=s, process_count=shards)
-                    for s in self.shard_ids]
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    parts = [next(loader) for loader in self.loaders]
-    if len(parts) == 1:
-      return parts[0]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def get_state(self) -> dict[str, Any]:
-    return {"num_shards": self.num_shards,
-            "shards": {str(s): l.get_state() for s, l in zip(self.shard_ids, self.loaders)}}
-
-  def set_state(self, process_states: list[Mapping[str, Any]]) -> None:
-    """Restores from the states every process saved (any process count, same shard count)."""
-    merged: dict[str, Any] = {}
-    for st in process_states:
-      if st.get("num_shards") != self.num_shards:
-        raise ValueError(f"checkpoint data state has {st.get('num_shards')} shards, this run "
-                         f"{self.num_shards}: set train.data_shards to match")
-      merged.update(st["shards"])
-    for s, loader in zip(self.shard_ids, self.loaders):
-      loader.set_state(merged[str(s)])
-
-  def bad_record_counts(self) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for loader in self.loaders:
-      for k, v in loader.bad_record_counts().items():
-        total[k] = total.get(k, 0) + int(v)
-    return total
-
-  def close(self) -> None:
-    for loader in self.loaders:
-      loader.close()
-
-
-def global_bad_record_counts(local: Mapping[str, int]) -> dict[str, int]:
-  """Sums the per-reason counts over processes."""
-  import jax
-  if jax.process_count() == 1:
-    return dict(local)
-  from data_pipelines import errors
-  from jax.experimental import multihost_utils
-  reasons = sorted(v for k, v in vars(errors).items() if k.isupper() and isinstance(v, str))
-  vec = np.array([local.get(r, 0) for r in reasons], np.int64)
-  total = np.sum(multihost_utils.process_allgather(vec), axis=0)
-  return {r: int(n) for r, n in zip(reasons, total) if n}
+class TrainingDiverged(UserError, RuntimeError):
+  """Too many consecutive non-finite updates (the message says what to change)."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -120,11 +54,8 @@ def write_config(config, workdir: str) -> None:
 def check_tokenizer(config) -> None:
   """Every id the tokenizer can emit must have an embedding row (out-of-range ids would be
   clamped silently by the gather and trained on garbage)."""
-  from data_pipelines import tokenizers
-  from moss_jax.config_validation import ConfigError
   tok = tokenizers.load_tokenizer(config.data.tokenizer)
-  specials = [getattr(tok, n) for n in ("audio_token_id", "audio_bos_id", "audio_eos_id",
-                                        "im_start_id", "im_end_id", "pad_id")]
+  specials = [getattr(tok, n) for n in tokenizers.SPECIAL_NAMES]
   needed = max([tok.vocab_size] + [i + 1 for i in specials if i is not None])
   if needed > config.model.text.vocab_size:
     raise ConfigError([f"the tokenizer {config.data.tokenizer.path} needs {needed} embedding rows "
@@ -133,16 +64,12 @@ def check_tokenizer(config) -> None:
 
 def initial_params(config, program):
   """Fresh or pretrained parameters, as train.init_* say; sharded like the state."""
-  import jax
-  from moss_jax import checkpoint, sharding
-  from moss_jax.model import init_params
   train = config.train
   mesh = program.mesh
-  if train.get("init_from_checkpoint"):
+  if train.init_from_checkpoint:
     logging.info("initialising all parameters from run checkpoint %s", train.init_from_checkpoint)
     return checkpoint.restore_params(train.init_from_checkpoint, program.abstract_params)
   if train.init_from:
-    from moss_jax import hf
     logging.info("initialising the whole model from %s", train.init_from)
     _, params = hf.load_pretrained(train.init_from, dtype=config.model.param_dtype,
                                    config_overrides=_model_overrides(config), mesh=mesh)
@@ -151,7 +78,6 @@ def initial_params(config, program):
   with sharding.use_mesh(mesh):
     params = init_params(config.model, jax.random.key(train.seed), mesh)
   if train.init_encoder_from:
-    from moss_jax import hf
     logging.info("initialising the audio encoder from %s", train.init_encoder_from)
     _, loaded = hf.load_pretrained(train.init_encoder_from, dtype=config.model.param_dtype,
                                    config_overrides=_model_overrides(config), mesh=mesh)
@@ -159,7 +85,6 @@ def initial_params(config, program):
                        train.init_encoder_from)
     params = dict(params, audio_encoder=loaded["audio_encoder"])
   if train.init_llm_from:
-    from moss_jax import hf
     logging.info("initialising the LLM from Qwen3 checkpoint %s", train.init_llm_from)
     params = hf.load_qwen3_llm(train.init_llm_from, params)
   return params
@@ -172,7 +97,6 @@ def _model_overrides(config) -> dict:
 
 
 def _check_same_shapes(params, abstract, source: str) -> None:
-  import jax
   got = jax.tree.map(lambda x: tuple(x.shape), params)
   want = jax.tree.map(lambda x: tuple(x.shape), abstract)
   if got != want:
@@ -185,9 +109,6 @@ class Run:
   """Holds the pieces of one training run; `train()` is the loop."""
 
   def __init__(self, config, workdir: str):
-    import jax
-    from moss_jax import checkpoint, config_validation, distributed, flops, metrics, sharding
-    from moss_jax import train_step as ts
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
@@ -203,18 +124,20 @@ class Run:
     self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
     self.checkpointer = checkpoint.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
-        keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
+        keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     self.stop = distributed.StopSignal()
     self.flops_per_step = flops.config_step_flops(config)
-    self.peak, self.peak_source = flops.peak_flops(config.train.get("peak_flops_per_device", 0.0))
+    self.peak, self.peak_source = flops.peak_flops(config.train.peak_flops_per_device)
     self.state = None
     self.first_loss = None
 
   # -- state
 
   def restore_or_init(self) -> int:
-    from moss_jax.model import count_params
-    restored = self.checkpointer.restore(self.program.abstract_state)
+    with progress.Waiting(f"restoring the newest checkpoint of {self.checkpointer.directory}",
+                          enabled=None if checkpoint.complete_steps(self.checkpointer.directory)
+                          else False):
+      restored = self.checkpointer.restore(self.program.abstract_state)
     if restored is not None:
       self.state = restored.state
       self.loader.set_state(restored.data_state["processes"])
@@ -237,46 +160,40 @@ class Run:
   # -- logging
 
   def log(self, step: int, acc) -> dict[str, float]:
-    from moss_jax import flops, metrics
     summary = acc.summary()
     if not summary:
       return {}
     summary["mfu"] = flops.mfu(self.flops_per_step, summary["step_seconds"], self.peak)
-    summary["bad_records"] = float(sum(self._bad_counts().values()))
-    for reason, n in self._bad_counts().items():
+    bad = global_bad_record_counts(self.loader.bad_record_counts())  # a collective: once per log
+    summary["bad_records"] = float(sum(bad.values()))
+    for reason, n in bad.items():
       summary[f"bad_records/{reason}"] = float(n)
     self.writer.console(metrics.progress_line(step, self.config.train.steps, summary))
     self.writer.write(step, "train", summary)
     return summary
 
-  def _bad_counts(self) -> dict[str, int]:
-    return global_bad_record_counts(self.loader.bad_record_counts())
-
   # -- evaluation
 
   def evaluate(self, step: int, final: bool = False) -> dict[str, Any]:
-    from data_pipelines import pipeline
-    from moss_jax import evaluate
-    from moss_jax import train_step as ts
     cfg = self.config
     params = ts.full_params(self.state)
     out: dict[str, Any] = {}
     if cfg.data.eval_manifest:
       batches = pipeline.make_eval_batches(cfg)
-      out.update(evaluate.eval_loss(self.program, params, batches, cfg.train.get("eval_batches", 0)))
+      out.update(evaluate.eval_loss(self.program, params, batches, cfg.train.eval_batches))
       batches.close()
-      n = cfg.train.get("asr_eval_samples", 0)
+      n = cfg.train.asr_eval_samples
       if n:
         asr = evaluate.asr_eval(self.program.model, params, cfg, cfg.data.eval_manifest, n,
-                                self.mesh, cfg.train.get("generate_max_tokens", 64))
+                                self.mesh, cfg.train.generate_max_tokens)
         out.update(cer=asr["cer"], wer=asr["wer"], asr_samples=asr["num_samples"])
         for ex in asr["examples"][:3]:
           self.writer.console(f"  eval ref: {ex['reference']!r}\n  eval hyp: {ex['hypothesis']!r}")
-    if final and cfg.train.get("final_train_asr_samples", 0):
+    if final and cfg.train.final_train_asr_samples:
       manifest = cfg.data.train_manifests.split(",")[0]
       asr = evaluate.asr_eval(self.program.model, params, cfg, manifest,
                               cfg.train.final_train_asr_samples, self.mesh,
-                              cfg.train.get("generate_max_tokens", 64))
+                              cfg.train.generate_max_tokens)
       out.update(train_cer=asr["cer"], train_wer=asr["wer"], train_asr_samples=asr["num_samples"])
       for ex in asr["examples"][:3]:
         self.writer.console(f"  train ref: {ex['reference']!r}\n  train hyp: {ex['hypothesis']!r}")
@@ -291,8 +208,6 @@ class Run:
   # -- loop
 
   def train(self) -> dict[str, Any]:
-    import jax
-    from moss_jax import metrics
     cfg = self.config.train
     t_start = time.perf_counter()
     step = self.restore_or_init()
@@ -396,23 +311,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     run.close()
 
 
-def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None or _CONFIG.value is None:
-    raise app.UsageError("--config and --workdir are required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
-  from moss_jax import distributed
+def main(argv) -> None:
+  del argv  # cli.run rejects stray arguments
+  cli.require("config", "workdir")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from moss_jax.config_validation import ConfigError
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

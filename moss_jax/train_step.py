@@ -30,6 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import sharding as sharding_lib
+from moss_jax import model as model_lib
+from moss_jax.model.mel import model_audio_mel
 
 PyTree = Any
 NUM_TASKS = len(batch_lib.TASKS)
@@ -77,7 +79,6 @@ def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 def make_forward(model, model_config) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
   """(params, batch) -> float32 logits [B, L, V]; the mel is made on device when needed."""
-  from moss_jax.model.mel import model_audio_mel
 
   def forward(params, batch):
     mel = model_audio_mel(batch, model_config)
@@ -259,10 +260,7 @@ def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dic
   length, chunks = data.max_tokens, data.max_audio_chunks
   vocab = config.model.text.vocab_size
   rng = np.random.default_rng(seed)
-  shapes = batch_lib.batch_shapes(b, length, chunks, data.feature_mode)
-  out = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
-  out["labels"][:] = batch_lib.IGNORE_INDEX
-  out["audio_token_index"][:] = -1
+  out = batch_lib.empty_batch(batch_lib.batch_shapes(b, length, chunks, data.feature_mode))
   tpc = batch_lib.TOKENS_PER_CHUNK
   for r in range(b):
     n_chunks = max(1, min(chunks, (length // 2 - 2) // tpc))
@@ -314,7 +312,6 @@ class Program:
   abstract_batch: PyTree
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, batch) -> stats
-  forward: Callable  # jitted (params, batch) -> logits
 
   def state_from_params(self, params: PyTree) -> dict:
     """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
@@ -324,9 +321,8 @@ class Program:
                      out_shardings=self.state_shardings)(params)
 
   def init_state(self, rng: jax.Array) -> dict:
-    from moss_jax.model import init_params
     with sharding_lib.use_mesh(self.mesh):
-      params = init_params(self.config.model, rng, self.mesh)
+      params = model_lib.init_params(self.config.model, rng, self.mesh)
     return self.state_from_params(params)
 
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -343,21 +339,20 @@ class Program:
 
 def abstract_params_with_shardings(model_config, mesh) -> PyTree:
   """ShapeDtypeStruct of every parameter, carrying its NamedSharding on `mesh` (no allocation)."""
-  from moss_jax.model import abstract_params
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_params(model_config), sharding_lib.param_shardings(model_config, mesh))
+                      model_lib.abstract_params(model_config),
+                      model_lib.param_shardings(model_config, mesh))
 
 
 def build_program(config, mesh) -> Program:
   """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
-  from moss_jax.model import MossAudioModel
-  model = MossAudioModel(config=config.model)
+  model = model_lib.MossAudioModel(config=config.model)
   forward = make_forward(model, config.model)
   optimizer = optim.make_optimizer(config.optim)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   stage = config.train.stage
 
-  p_sh = sharding_lib.param_shardings(config.model, mesh)
+  p_sh = model_lib.param_shardings(config.model, mesh)
   abs_params = abstract_params_with_shardings(config.model, mesh)
   st_sh = state_shardings(p_sh, abs_params, optimizer, stage, mesh)
   abs_state = abstract_state(abs_params, optimizer, stage, st_sh)
@@ -378,6 +373,5 @@ def build_program(config, mesh) -> Program:
     rep = metric_shardings(mesh)
     eval_out = jax.eval_shape(eval_fn, abs_params, abs_batch)
     eval_jit = jax.jit(eval_fn, in_shardings=(p_sh, batch_sh), out_shardings=rep(eval_out))
-    forward_jit = jax.jit(forward, in_shardings=(p_sh, batch_sh))
   return Program(config, mesh, model, optimizer, schedule, abs_params, st_sh, abs_state, row_sh,
-                 abs_batch, train_jit, eval_jit, forward_jit)
+                 abs_batch, train_jit, eval_jit)

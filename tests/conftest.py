@@ -13,12 +13,20 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 REAL_AUDIO = SHARED / "real_audio"
+# CI sets this: there a missing ../shared is a broken checkout, not a reason to skip.
+REQUIRE_SHARED = os.environ.get("MOSS_JAX_REQUIRE_SHARED", "") not in ("", "0")
 
 
 @pytest.fixture(scope="session")
 def real_audio_dir() -> pathlib.Path:
+  """../shared/real_audio: the real recordings. A plain clone has no ../shared, so the tests that
+  need them skip, saying so (`pytest -ra` lists the reason); everything else still runs."""
   if not REAL_AUDIO.is_dir():
-    pytest.fail(f"real recordings not found at {REAL_AUDIO}: clone the project with ../shared beside it")
+    message = (f"real recordings not found at {REAL_AUDIO}: put the project's shared/ folder "
+               "beside the repository to run this test")
+    if REQUIRE_SHARED:
+      pytest.fail(message + " (MOSS_JAX_REQUIRE_SHARED is set)")
+    pytest.skip(message)
   return REAL_AUDIO
 
 

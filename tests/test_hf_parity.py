@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import torch_reference as tr
-from moss_jax import hf
+from configs import base
+from moss_jax import hf, sharding
+from moss_jax import model as M
 from moss_jax.hf import io, mapping
 from moss_jax.hf.safetensors_file import SafetensorsFile
 
@@ -223,7 +225,6 @@ def _text_apply(model):
 @pytest.mark.parametrize("tied", [True, False])
 def test_qwen3_causal_lm_initialises_the_llm(reference, tmp_path, tied):
   from transformers import Qwen3Config, Qwen3ForCausalLM
-  from moss_jax.model import abstract_params
   _, _, model, params = reference  # the base tree; its LLM leaves get replaced
   lang = {k: v for k, v in tr.tiny_reference_config()["language_config"].items()
           if k not in ("architectures", "model_type")}
@@ -253,7 +254,7 @@ def test_qwen3_causal_lm_initialises_the_llm(reference, tmp_path, tied):
   print(f"\nqwen3 text-only (tied={tied}): max abs diff {diff:.3e}")
   assert diff <= TOL
   # An abstract tree works too: LLM leaves become arrays, the rest stays abstract.
-  abstract = abstract_params(model.config)
+  abstract = M.abstract_params(model.config)
   filled = hf.load_qwen3_llm(str(tmp_path), abstract)
   assert isinstance(filled["lm_head"]["kernel"], jax.Array)
   assert isinstance(filled["audio_adapter"]["up_proj"]["kernel"], jax.ShapeDtypeStruct)
@@ -263,14 +264,12 @@ def test_qwen3_causal_lm_initialises_the_llm(reference, tmp_path, tied):
 
 def test_load_onto_a_mesh_and_export_from_sharded_params(reference, tmp_path):
   """On an 8-device fsdp mesh each leaf is placed sharded; exporting gathers it bit-exactly."""
-  from configs import base
-  from moss_jax import sharding
   _, path, _, _ = reference
   mesh = sharding.make_mesh(base.mesh_config())
   model, params = hf.load_pretrained(path, mesh=mesh)
   q = params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads]
   path_q = ("language_model", "layers", "self_attn", "q_proj", "kernel")
-  want = mapping.get_leaf(sharding.param_shardings(model.config, mesh), path_q)
+  want = mapping.get_leaf(M.param_shardings(model.config, mesh), path_q)
   assert q.sharding.spec == want.spec
   assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
   hf.save_pretrained(str(tmp_path), model, params, dtype=jnp.float32)

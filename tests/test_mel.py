@@ -15,6 +15,7 @@ from transformers import WhisperFeatureExtractor
 from configs import base
 from data_pipelines import audio, features
 from moss_jax import batch as batch_lib
+from moss_jax import mel_frontend
 from moss_jax.model import mel as mel_lib
 
 CLIPS = ("speech_en.mp3", "speech_zh.mp3", "dialogue_zh.mp3")  # 10 s, 4 s, 12.2 s
@@ -47,7 +48,7 @@ def _device_mels(rows: list[list[np.ndarray]], num_slots: int) -> list[list[np.n
     slot, spans = 0, []
     for audio_id, x in enumerate(row, start=1):
       chunks = features.waveform_chunks(x)
-      counts = features.chunk_frame_counts(features.num_frames(len(x)))
+      counts = batch_lib.chunk_frame_counts(batch_lib.num_mel_frames(len(x)))
       end = slot + len(counts)
       waves[b, slot:end], frames[b, slot:end], ids[b, slot:end] = chunks, counts, audio_id
       spans.append((slot, counts))
@@ -95,9 +96,9 @@ def test_frame_counts():
   for n in (0, 1, 159, 160, 161, 63999, 64000, 64159, 64160, 64321):
     frames = n // 160
     assert features.log_mel(np.full(n, 0.1, np.float32)).shape == (128, frames)
-    counts = features.chunk_frame_counts(frames)
+    counts = batch_lib.chunk_frame_counts(frames)
     assert sum(counts) == frames and all(0 < c <= 400 for c in counts)
-    assert len(features.waveform_chunks(np.ones(n, np.float32))) == batch_lib.num_chunks(frames)
+    assert len(features.waveform_chunks(np.ones(n, np.float32))) == math.ceil(frames / 400) == len(counts)
 
 
 def test_lengths_short_exact_and_multi_chunk(clips, reference):
@@ -113,7 +114,7 @@ def test_lengths_short_exact_and_multi_chunk(clips, reference):
     host = features.log_mel(x)
     assert _max_diff(host, reference(x)) <= TOL
     assert _max_diff(on_device, host) <= TOL
-    counts = features.chunk_frame_counts(host.shape[1])
+    counts = batch_lib.chunk_frame_counts(host.shape[1])
     host_chunks = features.mel_chunks(host)
     assert host_chunks.shape == (len(counts), 128, 400)
     assert not np.any(host_chunks[-1][:, counts[-1]:])
@@ -147,7 +148,7 @@ def test_model_audio_mel(clips):
   cfg = base.model_config("tiny")
   x = clips["speech_en.mp3"][:100000]
   chunks = features.waveform_chunks(x)
-  counts = features.chunk_frame_counts(features.num_frames(len(x)))
+  counts = batch_lib.chunk_frame_counts(batch_lib.num_mel_frames(len(x)))
   waves = np.zeros((1, 4, 64240), np.float32)
   waves[0, :2] = chunks
   frames = np.array([counts + [0, 0]], np.int32)
@@ -195,3 +196,11 @@ def test_soxr_vs_reference_resampler(real_audio_dir):
   print(f"speech_en resampler soxr-VHQ vs torchaudio-sinc: wave max {np.abs(ours - theirs).max():.3e}"
         f", mel max {diff.max():.3f} (mean {diff.mean():.4f}), mel max below 5 kHz {below_5k.max():.4f}")
   assert below_5k.max() < 0.01 and diff.mean() < 0.01
+
+
+def test_filter_bank_is_whisper_s():
+  """The NumPy filter bank of moss_jax/mel_frontend.py is the one WhisperFeatureExtractor builds."""
+  want = WhisperFeatureExtractor(feature_size=128).mel_filters.T  # [128, 201] float64
+  got = mel_frontend.mel_filters()
+  assert got.shape == (128, 201) and got.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)

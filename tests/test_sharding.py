@@ -63,7 +63,7 @@ def reference():
 def test_sharded_forward_matches_single_device(shape, reference):
   cfg, params, batch, want = reference
   mesh = sharding.make_mesh(mesh_config(shape))
-  shardings = sharding.param_shardings(cfg, mesh)
+  shardings = M.param_shardings(cfg, mesh)
   params = jax.device_put(params, shardings)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   model = M.MossAudioModel(cfg)

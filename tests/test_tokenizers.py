@@ -1,13 +1,18 @@
 """Tokenizers: the sentencepiece training command, special-id lookup, HF tokenizer.json, pickling."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipelines import templates, tokenizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A small cat sleeps here.",
              "Birds sing in the morning.", "今天天气很好。", "Rain falls on the red roof."]
@@ -25,9 +30,21 @@ def spm_model(tmp_path_factory):
                                  {"role": "assistant", "content": "Wind and rain."}]})
   manifest = root / "train.jsonl"
   manifest.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
-  assert tokenizers.main(["train", "--manifest", str(manifest), "--vocab-size", "400",
-                          "--out", str(root / "tok")]) == 0
+  proc = subprocess.run([sys.executable, "-m", "data_pipelines.tokenizers",
+                         f"--manifests={manifest}", "--vocab_size=400", f"--out={root / 'tok'}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert proc.stdout.startswith(f"wrote {root / 'tok.model'}: ")
   return str(root / "tok.model")
+
+
+def test_command_names_a_missing_manifest_on_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "data_pipelines.tokenizers",
+                         f"--manifests={tmp_path / 'absent.jsonl'}", "--vocab_size=400",
+                         f"--out={tmp_path / 'tok'}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == f"error: manifest not found: {tmp_path / 'absent.jsonl'}"
 
 
 def test_trained_model_has_single_piece_specials_and_digits(spm_model):
@@ -86,7 +103,7 @@ def _hf_file(path, specials=()):
 
 def test_hf_defaults_to_the_qwen3_reference_ids(tmp_path):
   tok = tokenizers.load_tokenizer({"kind": "hf", "path": str(_hf_file(tmp_path / "t"))})
-  for name, value in tokenizers.QWEN3_DEFAULT_IDS.items():
+  for name, value in tokenizers.QWEN3_SPECIAL_IDS.items():
     assert getattr(tok, name) == value
   assert tok.vocab_size == 151671  # covers <|audio_eos|> = 151670
   assert tok.digit_ids == tuple(range(3, 13))

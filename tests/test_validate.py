@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from configs import pretrain
 from data_pipelines import validate
+from moss_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "data_pipelines", "sample_corpus")
@@ -62,11 +64,14 @@ def bad_manifest(tmp_path_factory):
   return str(path), expected
 
 
+def _command(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "data_pipelines.validate", *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+
+
 def test_sample_corpus_passes_as_subprocess():
   eval_manifest = os.path.join(CORPUS, "eval.jsonl")
-  proc = subprocess.run([sys.executable, "-m", "data_pipelines.validate", eval_manifest, "--json",
-                         "--config", "configs/pretrain.py:demo"],
-                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  proc = _command(f"--manifests={eval_manifest}", "--json", "--config=configs/pretrain.py:demo")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   with open(eval_manifest, encoding="utf-8") as f:
@@ -79,7 +84,7 @@ def test_sample_corpus_passes_as_subprocess():
 
 def test_every_bad_record_is_listed_with_line_and_reason(bad_manifest, capsys):
   path, expected = bad_manifest
-  code = validate.main([path, "--max-audio-seconds", "3"])
+  code = validate.run([path], max_audio_seconds=3.0)
   out = capsys.readouterr().out
   assert code == 1
   problem_lines = [l for l in out.splitlines() if l.startswith(path + ":")]
@@ -92,7 +97,7 @@ def test_every_bad_record_is_listed_with_line_and_reason(bad_manifest, capsys):
 
 def test_config_adds_the_row_fit_check(capsys):
   """With a config, records are encoded as it trains them; ones longer than a row are named."""
-  config = validate.load_config(os.path.join(REPO, "configs", "pretrain.py") + ":demo")
+  config = pretrain.get_config("demo")
   config.data.max_tokens = 100
   manifest_path = os.path.join(CORPUS, "eval.jsonl")
   results = list(validate.check_manifests([manifest_path], config=config))
@@ -122,12 +127,27 @@ def test_problem_counts_and_workers_agree(bad_manifest):
 
 def test_limit_is_configurable(bad_manifest, capsys):
   path, expected = bad_manifest
-  validate.main([path])  # default 600 s: the 4 s clip is fine
+  validate.run([path])  # default 600 s: the 4 s clip is fine
   out = capsys.readouterr().out
   assert "too_long" not in out
   assert f"records: {len(expected) + 2} (3 good, {len(expected) - 1} with problems)" in out
 
 
-def test_missing_manifest_is_a_usage_error(tmp_path, capsys):
-  assert validate.main([str(tmp_path / "absent.jsonl")]) == 2
-  assert "manifest not found" in capsys.readouterr().err
+def test_missing_manifest_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match="manifest not found: .*absent.jsonl"):
+    validate.run([str(tmp_path / "absent.jsonl")])
+
+
+def test_command_takes_config_overrides_and_fails_in_one_line(tmp_path):
+  """--config overrides apply (a 100-token row rejects long records, exit 1); a missing manifest
+  is one `error:` line and exit 2."""
+  eval_manifest = os.path.join(CORPUS, "eval.jsonl")
+  proc = _command(f"--manifests={eval_manifest}", "--config=configs/pretrain.py:demo",
+                  "--config.data.max_tokens=100", "--json")
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  problems = [l for l in proc.stdout.splitlines() if l.startswith(eval_manifest + ":")]
+  assert problems and all(": does_not_fit: " in l and "max_tokens=100" in l for l in problems)
+  proc = _command(f"--manifests={tmp_path / 'absent.jsonl'}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: manifest not found: {tmp_path / 'absent.jsonl'}")

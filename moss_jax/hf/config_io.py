@@ -15,53 +15,56 @@ import os
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
-from configs import base
+from moss_jax import batch as batch_lib
+from moss_jax import model_config as model_config_lib
 
 TRANSFORMERS_VERSION = "4.57.1"
-CHUNK_FRAMES = 400  # 2 * n_window of the current official encoder
+_IDS = model_config_lib.QWEN3_SPECIAL_IDS
 DEFAULT_TOKEN_IDS = dict(
-    audio_token_id=base.QWEN3_SPECIAL_IDS["audio_token_id"],
-    audio_start_id=base.QWEN3_SPECIAL_IDS["audio_bos_id"],
-    audio_end_id=base.QWEN3_SPECIAL_IDS["audio_eos_id"],
-    bos_token_id=base.QWEN3_SPECIAL_IDS["pad_id"],  # 151643 <|endoftext|>
-    eos_token_id=base.QWEN3_SPECIAL_IDS["im_end_id"])  # 151645 <|im_end|>
+    audio_token_id=_IDS["audio_token_id"],
+    audio_start_id=_IDS["audio_bos_id"],
+    audio_end_id=_IDS["audio_eos_id"],
+    bos_token_id=_IDS["pad_id"],  # 151643 <|endoftext|>
+    eos_token_id=_IDS["im_end_id"])  # 151645 <|im_end|>
 
 
 def _dtype_name(dtype) -> str:
-  import numpy as np
   return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
 
 
 def model_config_from_hf(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """config.json (reference fields) -> our config.model (scan_layers etc. take our defaults)."""
+  """config.json (reference fields) -> our config.model.
+
+  Every shape comes from the file; the fields the file does not carry (scan_layers,
+  remat_policy, mel_dtype, ...) take the schema's defaults (moss_jax/model_config.py), and the
+  dtypes are float32 until the caller picks others.
+  """
   a, t = config["audio_config"], config["language_config"]
   problems = _unsupported(config)
   if problems:
     raise ValueError("config.json asks for what this model does not implement: "
                      + "; ".join(problems))
-  c = base.model_config("tiny")  # defaults for the non-shape fields; shapes overwritten below
-  c.audio.num_mel_bins = int(a["num_mel_bins"])
-  c.audio.chunk_frames = 2 * int(a.get("n_window", CHUNK_FRAMES // 2))
-  c.audio.layer_norm_eps = float(a.get("layer_norm_eps", 1e-5))
-  c.audio.d_model = int(a["d_model"])
-  c.audio.encoder_layers = int(a["encoder_layers"])
-  c.audio.encoder_attention_heads = int(a["encoder_attention_heads"])
-  c.audio.encoder_ffn_dim = int(a["encoder_ffn_dim"])
-  c.audio.downsample_hidden_size = int(a["downsample_hidden_size"])
-  c.audio.deepstack_encoder_layer_indexes = tuple(
-      int(i) for i in a["deepstack_encoder_layer_indexes"])
-  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-    c.text[key] = int(t[key])
-  c.text.head_dim = int(t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"])
-  c.text.rope_theta = float(t.get("rope_theta", 10000.0))
-  c.text.rms_norm_eps = float(t.get("rms_norm_eps", 1e-6))
-  c.adapter_hidden_size = int(config["adapter_hidden_size"])
-  c.deepstack_num_inject_layers = int(config.get("deepstack_num_inject_layers", 3))
-  c.dtype = "float32"
-  c.param_dtype = "float32"
-  return c
+  audio = dict(
+      num_mel_bins=int(a["num_mel_bins"]),
+      layer_norm_eps=float(a.get("layer_norm_eps", 1e-5)),
+      d_model=int(a["d_model"]),
+      encoder_layers=int(a["encoder_layers"]),
+      encoder_attention_heads=int(a["encoder_attention_heads"]),
+      encoder_ffn_dim=int(a["encoder_ffn_dim"]),
+      downsample_hidden_size=int(a["downsample_hidden_size"]),
+      deepstack_encoder_layer_indexes=tuple(int(i) for i in a["deepstack_encoder_layer_indexes"]))
+  text = {key: int(t[key]) for key in (
+      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+      "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
+  text.update(head_dim=int(t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]),
+              rope_theta=float(t.get("rope_theta", 10000.0)),
+              rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)))
+  return model_config_lib.model_config(
+      audio=audio, text=text, adapter_hidden_size=int(config["adapter_hidden_size"]),
+      deepstack_num_inject_layers=int(config.get("deepstack_num_inject_layers", 3)),
+      dtype="float32", param_dtype="float32")
 
 
 def _unsupported(config: Mapping[str, Any]) -> list[str]:
@@ -69,8 +72,13 @@ def _unsupported(config: Mapping[str, Any]) -> list[str]:
   out = []
   if a.get("output_dim", a["d_model"]) != a["d_model"]:
     out.append("audio_config.output_dim != d_model (an encoder out_proj)")
-  if a.get("downsample_rate", 8) != 8 or a["num_mel_bins"] != 128:
-    out.append("the conv stem needs 128 mel bins and downsample_rate 8")
+  if (a.get("downsample_rate", batch_lib.DOWNSAMPLE) != batch_lib.DOWNSAMPLE
+      or a["num_mel_bins"] != batch_lib.NUM_MEL_BINS):
+    out.append(f"the conv stem needs {batch_lib.NUM_MEL_BINS} mel bins and downsample_rate "
+               f"{batch_lib.DOWNSAMPLE}")
+  if 2 * a.get("n_window", batch_lib.CHUNK_FRAMES // 2) != batch_lib.CHUNK_FRAMES:
+    out.append(f"n_window {a['n_window']} (the batch schema fixes {batch_lib.CHUNK_FRAMES}-frame "
+               "chunks: n_window 200)")
   if a.get("activation_function", "gelu") != "gelu":
     out.append(f"audio activation {a['activation_function']!r} (gelu only)")
   if t.get("hidden_act", "silu") != "silu":
@@ -95,13 +103,11 @@ def hf_config_from_model(model_config, dtype="bfloat16", token_ids: Mapping[str,
   audio = dict(
       d_model=a.d_model, output_dim=a.d_model, num_mel_bins=a.num_mel_bins,
       encoder_layers=a.encoder_layers, encoder_attention_heads=a.encoder_attention_heads,
-      encoder_ffn_dim=a.encoder_ffn_dim, downsample_rate=8,
+      encoder_ffn_dim=a.encoder_ffn_dim, downsample_rate=batch_lib.DOWNSAMPLE,
       downsample_hidden_size=a.downsample_hidden_size, encoder_attention_window_size=100,
       max_source_positions=1500, dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
       activation_function="gelu", layer_norm_eps=a.layer_norm_eps, _attn_implementation="eager",
       pretrained_path="", deepstack_encoder_layer_indexes=list(a.deepstack_encoder_layer_indexes))
-  if a.chunk_frames != CHUNK_FRAMES:  # the released file omits n_window (code default 200)
-    audio["n_window"] = a.chunk_frames // 2
   language = dict(
       architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False,
       attention_dropout=0.0, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
@@ -117,7 +123,7 @@ def hf_config_from_model(model_config, dtype="bfloat16", token_ids: Mapping[str,
       auto_map=dict(AutoConfig="configuration_moss_audio.MossAudioConfig",
                     AutoProcessor="processing_moss_audio.MossAudioProcessor"),
       adapter_hidden_size=model_config.adapter_hidden_size,
-      deepstack_num_inject_layers=model_config.deepstack_num_inject_layers, ignore_index=-100,
+      deepstack_num_inject_layers=model_config.deepstack_num_inject_layers, ignore_index=batch_lib.IGNORE_INDEX,
       dtype=dtype, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
       num_hidden_layers=t.num_hidden_layers, vocab_size=t.vocab_size, tie_word_embeddings=False,
       transformers_version=TRANSFORMERS_VERSION, audio_config=audio, language_config=language)
@@ -130,7 +136,8 @@ def processor_config(token_ids: Mapping[str, int] | None = None, enable_time_mar
   return dict(
       processor_class="MossAudioProcessor",
       auto_map=dict(AutoProcessor="processing_moss_audio.MossAudioProcessor"),
-      mel_config=dict(mel_sr=16000, mel_dim=128, mel_n_fft=400, mel_hop_length=160,
+      mel_config=dict(mel_sr=batch_lib.SAMPLE_RATE, mel_dim=batch_lib.NUM_MEL_BINS,
+                      mel_n_fft=batch_lib.N_FFT, mel_hop_length=batch_lib.HOP_LENGTH,
                       mel_dtype="bfloat16", use_whisper_feature_extractor=True),
       enable_time_marker=enable_time_marker, audio_token_id=ids["audio_token_id"],
       audio_start_id=ids["audio_start_id"], audio_end_id=ids["audio_end_id"])

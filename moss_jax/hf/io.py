@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moss_jax import progress
 from moss_jax.hf import config_io, mapping
 from moss_jax.hf.safetensors_file import SafetensorsFile, write_file
+from moss_jax.model import MossAudioModel, param_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,18 +130,19 @@ def load_pretrained(path: str, dtype=jnp.float32, config_overrides: Mapping[str,
     config_overrides: {"dtype": "bfloat16", "scan_layers": False, ...} applied to config.model.
     mesh: when given, every leaf is placed with its sharding from `moss_jax.sharding`.
   """
-  from moss_jax.model import MossAudioModel
   model_config = config_from_pretrained(path, dtype, config_overrides)
   reader = CheckpointReader(path)
   entries = mapping.entries(model_config)
   check_names_and_shapes({e.hf_key: e.hf_shape for e in entries}, reader)
-  shardings = _param_shardings(model_config, mesh)
+  shardings = param_shardings(model_config, mesh) if mesh is not None else None
   params: dict = {}
   np_dtype = jnp.dtype(model_config.param_dtype)
-  for flax_path, group in _group_by_leaf(entries).items():
-    value = _build_leaf(group, reader.get, np_dtype)
-    sharding = mapping.get_leaf(shardings, flax_path) if shardings is not None else None
-    mapping.set_leaf(params, flax_path, _place(value, sharding))
+  with progress.Progress(len(entries), f"loading {path}", unit=" tensors") as bar:
+    for flax_path, group in _group_by_leaf(entries).items():
+      value = _build_leaf(group, reader.get, np_dtype)
+      sharding = mapping.get_leaf(shardings, flax_path) if shardings is not None else None
+      mapping.set_leaf(params, flax_path, _place(value, sharding))
+      bar.update(len(group))
   return MossAudioModel(config=model_config), params
 
 
@@ -153,13 +156,6 @@ def config_from_pretrained(path: str, dtype=jnp.float32,
   model_config.param_dtype = name
   model_config.dtype = name
   return config_io.apply_overrides(model_config, config_overrides)
-
-
-def _param_shardings(model_config, mesh):
-  if mesh is None:
-    return None
-  from moss_jax import sharding
-  return sharding.param_shardings(model_config, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +236,15 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
   shards = plan_shards(sizes, parse_size(max_shard_size))
   files = [SINGLE_FILE] if len(shards) == 1 else [
       f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  produce = lambda name: mapping.export_tensor(params, by_name[name]).astype(np_dtype)
-  for fname, names in zip(files, shards):
-    specs = [(n, by_name[n].hf_shape, np_dtype) for n in names]
-    write_file(os.path.join(path, fname), specs, produce, metadata={"format": "pt"})
+  with progress.Progress(len(entries), f"saving {path}", unit=" tensors") as bar:
+
+    def produce(name: str) -> np.ndarray:
+      bar.update(1)
+      return mapping.export_tensor(params, by_name[name]).astype(np_dtype)
+
+    for fname, names in zip(files, shards):
+      specs = [(n, by_name[n].hf_shape, np_dtype) for n in names]
+      write_file(os.path.join(path, fname), specs, produce, metadata={"format": "pt"})
   if len(files) > 1:
     weight_map = {n: f for f, names in zip(files, shards) for n in names}
     config_io.write_json(os.path.join(path, INDEX_FILE), {
@@ -305,11 +306,13 @@ def load_qwen3_llm(path: str, params_or_abstract: Mapping, dtype=None) -> dict:
   _check_tree_shapes(tree, entries)
   fetch = lambda key: reader.get(_qwen3_source(mapping.rename_for_qwen3(key), tied))
   out = _copy_tree(tree)
-  for flax_path, group in _group_by_leaf(entries).items():
-    leaf = mapping.get_leaf(tree, flax_path)
-    leaf_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(leaf.dtype)
-    value = _build_leaf(group, fetch, np.dtype(leaf_dtype))
-    mapping.set_leaf(out, flax_path, _place(value, getattr(leaf, "sharding", None)))
+  with progress.Progress(len(entries), f"loading {path}", unit=" tensors") as bar:
+    for flax_path, group in _group_by_leaf(entries).items():
+      leaf = mapping.get_leaf(tree, flax_path)
+      leaf_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(leaf.dtype)
+      value = _build_leaf(group, fetch, np.dtype(leaf_dtype))
+      mapping.set_leaf(out, flax_path, _place(value, getattr(leaf, "sharding", None)))
+      bar.update(len(group))
   return out
 
 

@@ -18,6 +18,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from moss_jax.batch import DOWNSAMPLE
+from moss_jax.model_config import num_mergers
+
 # Layout transforms between Flax and torch.
 COPY = "copy"  # biases, norm scales, embeddings: same layout
 LINEAR = "linear"  # Flax Dense kernel [in, out] <-> torch Linear weight [out, in]
@@ -53,16 +56,12 @@ class Entry:
     return flax_shape(self.transform, self.hf_shape)
 
 
-def _num_mergers(c) -> int:
-  return min(len(c.audio.deepstack_encoder_layer_indexes), c.deepstack_num_inject_layers)
-
-
 # Config symbols used in rule shapes.
 SYMBOLS: dict[str, Callable[[Any], int]] = {
     "D": lambda c: c.audio.d_model,
     "F": lambda c: c.audio.encoder_ffn_dim,
     "C": lambda c: c.audio.downsample_hidden_size,
-    "S": lambda c: c.audio.downsample_hidden_size * (c.audio.num_mel_bins // 8),  # stem c*16+f
+    "S": lambda c: c.audio.downsample_hidden_size * (c.audio.num_mel_bins // DOWNSAMPLE),  # c*16+f
     "A": lambda c: c.adapter_hidden_size,
     "H": lambda c: c.text.hidden_size,
     "I": lambda c: c.text.intermediate_size,
@@ -75,7 +74,7 @@ SYMBOLS: dict[str, Callable[[Any], int]] = {
 GROUP_SIZES: dict[str, Callable[[Any], int]] = {
     ENCODER_LAYERS: lambda c: c.audio.encoder_layers,
     LLM_LAYERS: lambda c: c.text.num_hidden_layers,
-    MERGERS: _num_mergers,
+    MERGERS: num_mergers,
 }
 
 

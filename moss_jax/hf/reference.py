@@ -11,20 +11,12 @@ calls the model, so its logits are comparable with the PyTorch reference.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moss_jax import batch as batch_lib
 from moss_jax.hf import config_io
-
-CHUNK_FRAMES = 400
-DOWNSAMPLE = 8
-
-
-def _ceil_div(a, b):
-  return -(-a // b)
-
 
 def audio_token_id_for(audio_token_id: int | None = None, pretrained_dir: str | None = None) -> int:
   """The placeholder id: explicit, else the directory's processor_config.json, else 151654."""
@@ -36,8 +28,7 @@ def audio_token_id_for(audio_token_id: int | None = None, pretrained_dir: str | 
 
 
 def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_id: int,
-                          chunk_frames: int = CHUNK_FRAMES, num_chunk_slots: int | None = None
-                          ) -> dict[str, np.ndarray]:
+                          num_chunk_slots: int | None = None) -> dict[str, np.ndarray]:
   """Reference-layout inputs -> the model's batch fields (numpy).
 
   Audios are chunked in order; their tokens fill the placeholders row-major, exactly like the
@@ -52,18 +43,18 @@ def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_i
   b, s = ids.shape
   mel, lengths = _check_audio(audio_mel, audio_mel_lengths)
   # Chunks in (audio, chunk) order: (audio, start frame, frames).
-  chunks = [(a, st, min(chunk_frames, int(n) - st)) for a, n in enumerate(lengths)
-            for st in range(0, int(n), chunk_frames)]
-  tokens = np.array([_ceil_div(f, DOWNSAMPLE) for _, _, f in chunks], dtype=np.int64)
+  chunks = [(a, c * batch_lib.CHUNK_FRAMES, f) for a, n in enumerate(lengths)
+            for c, f in enumerate(batch_lib.chunk_frame_counts(n))]
+  tokens = np.array([batch_lib.num_audio_tokens(f) for _, _, f in chunks], dtype=np.int64)
   rows, cols = np.nonzero(ids == audio_token_id)  # row-major order, as masked_scatter
   if len(rows) != int(tokens.sum()):
-    per_audio = [_ceil_div(int(n), DOWNSAMPLE) for n in lengths]
+    per_audio = [batch_lib.num_audio_tokens(int(n)) for n in lengths]
     raise ValueError(
         f"input_ids hold {len(rows)} audio placeholders (id {audio_token_id}; per row "
         f"{np.bincount(rows, minlength=b).tolist()}) but the audios give {int(tokens.sum())} "
         f"tokens (per audio {per_audio}, ceil(frames / 8))")
-  lmax = max([f for _, _, f in chunks], default=DOWNSAMPLE)
-  t_prime = _ceil_div(lmax, DOWNSAMPLE)
+  lmax = max([f for _, _, f in chunks], default=batch_lib.DOWNSAMPLE)
+  t_prime = batch_lib.num_audio_tokens(lmax)
   chunk_of = np.repeat(np.arange(len(chunks)), tokens)  # global token -> chunk
   pos_in_chunk = np.arange(len(chunk_of)) - np.repeat(np.cumsum(tokens) - tokens, tokens)
   slots: list[dict[int, int]] = [dict() for _ in range(b)]
@@ -92,7 +83,7 @@ def plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, audio_token_i
 
 def _check_audio(audio_mel, audio_mel_lengths):
   if audio_mel is None:
-    return np.zeros((0, 128, 0), np.float32), np.zeros((0,), np.int64)
+    return np.zeros((0, batch_lib.NUM_MEL_BINS, 0), np.float32), np.zeros((0,), np.int64)
   mel = np.asarray(audio_mel, np.float32)
   lengths = np.asarray(audio_mel_lengths if audio_mel_lengths is not None
                        else [mel.shape[-1]] * mel.shape[0]).astype(np.int64)
@@ -138,8 +129,7 @@ def reference_logits(model, params, input_ids, audio_mel=None, audio_mel_lengths
     reference forward without an attention mask.
   """
   token_id = audio_token_id_for(audio_token_id, pretrained_dir)
-  chunk = model.config.audio.get("chunk_frames", CHUNK_FRAMES)
-  batch = plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, token_id, chunk,
+  batch = plan_reference_inputs(input_ids, audio_mel, audio_mel_lengths, token_id,
                                 num_chunk_slots)
   apply = _jitted_apply(model) if jit else model.apply
   params = params if set(params) == {"params"} else {"params": params}

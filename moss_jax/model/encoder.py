@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moss_jax import batch as batch_lib
 from moss_jax.model import layers
 
 Array = jax.Array
 
-CONV_FREQ_OUT = 16  # 128 mel bins after three stride-2 convolutions; the reference hard-codes it
+# 128 mel bins after three stride-2 convolutions; the reference hard-codes it.
+CONV_FREQ_OUT = batch_lib.NUM_MEL_BINS // batch_lib.DOWNSAMPLE
 
 STEM_IMPLS = ("auto", "conv", "patches")
 # XLA:CPU runs a strided convolution's backward pass (the input gradient is a base-dilated
@@ -79,10 +81,6 @@ class StemConv(nn.Module):
       y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(9 * c_in, self.features))
     return y + bias
 
-
-def encoder_tokens(frames: Array) -> Array:
-  """Valid encoder tokens of a chunk with `frames` mel frames: ceil(frames / 8) (0 for empty)."""
-  return (frames + 7) // 8
 
 
 class EncoderAttention(nn.Module):
@@ -177,7 +175,8 @@ class AudioEncoder(nn.Module):
     pos = layers.sinusoid_positions(t, cfg.d_model).astype(self.dtype)
     x = layers.constrain(x + pos[None], ("audio_chunks", "length", "audio_embed"))
 
-    valid = jnp.arange(t)[None, :] < encoder_tokens(audio_chunk_frames.reshape(b * c, 1))
+    valid = jnp.arange(t)[None, :] < batch_lib.num_audio_tokens(
+        audio_chunk_frames.reshape(b * c, 1))
     bias = jnp.where(valid, 0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
 
     x, taps = self.run_layers(x, bias)

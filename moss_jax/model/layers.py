@@ -131,6 +131,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+REMAT_POLICY_NAMES = ("none", *REMAT_POLICIES)  # what config.model.remat_policy may be
 
 
 def maybe_remat(target: Any, policy: str, *, scanned: bool = False) -> Any:
@@ -142,6 +143,6 @@ def maybe_remat(target: Any, policy: str, *, scanned: bool = False) -> Any:
   if policy == "none":
     return target
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy must be one of none, {', '.join(REMAT_POLICIES)}; "
+    raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICY_NAMES)}; "
                      f"got {policy!r}")
   return nn.remat(target, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)

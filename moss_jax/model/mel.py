@@ -2,12 +2,13 @@
 
 Computing the mel on the accelerator keeps the host's input pipeline to decoding and resampling,
 and ships 64240 float32 samples per chunk instead of 128 x 400 mel values. Each chunk slot holds
-exactly the samples its 400 STFT frames read (see moss_jax/batch.py and
-data_pipelines.features.waveform_chunks), so the frames are cut with reshapes (no gather), and
-the only cross-chunk step is the reference's clamp at (max over the whole audio) - 8, taken here
-over the valid frames of all chunks sharing an `audio_chunk_audio_id`. The result equals the host
-`features.log_mel` of the whole audio cut into chunks up to float32 FFT rounding (~1e-5 after
-normalisation on real speech).
+exactly the samples its 400 STFT frames read (see moss_jax/batch.py; the host writes them in
+data_pipelines/features.py), so the frames are cut with reshapes (no gather), and the only
+cross-chunk step is the reference's clamp at (max over the whole audio) - 8, taken here over the
+valid frames of all chunks sharing an `audio_chunk_audio_id`. Window, filters, floor and clamp
+come from moss_jax/mel_frontend.py, as for the host mel. The result equals the host log-mel of
+the whole audio cut into chunks up to float32 FFT rounding (~1e-5 after normalisation on real
+speech).
 
 Everything is static-shaped jnp, so it jits once per batch shape and runs inside the train step.
 """
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import features
 from moss_jax import batch as batch_lib
+from moss_jax import mel_frontend
 
 _FRAMES = batch_lib.CHUNK_FRAMES  # 400 frames per chunk
 _HOP = batch_lib.HOP_LENGTH  # 160
@@ -31,8 +32,8 @@ _N_FFT = batch_lib.N_FFT  # 400
 @functools.lru_cache(maxsize=None)
 def _constants() -> tuple[np.ndarray, np.ndarray]:
   """(periodic Hann window [400], mel filters [201, 128]) as float32 host constants."""
-  return (features.hann_window().astype(np.float32),
-          np.ascontiguousarray(features.mel_filters().T, dtype=np.float32))
+  return (mel_frontend.hann_window().astype(np.float32),
+          np.ascontiguousarray(mel_frontend.mel_filters().T, dtype=np.float32))
 
 
 def _frames(waveform: jax.Array) -> jax.Array:
@@ -56,7 +57,7 @@ def _log_mel_unclamped(waveform: jax.Array) -> jax.Array:
   spectrum = jnp.fft.rfft(_frames(waveform.astype(jnp.float32)) * window, n=_N_FFT, axis=-1)
   power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
   mel = jnp.matmul(power, filters, precision=jax.lax.Precision.HIGHEST)
-  return jnp.log10(jnp.maximum(mel, features.MEL_FLOOR))
+  return jnp.log10(jnp.maximum(mel, mel_frontend.MEL_FLOOR))
 
 
 def _audio_max(log_spec: jax.Array, valid: jax.Array, audio_id: jax.Array) -> jax.Array:
@@ -71,12 +72,12 @@ def log_mel_chunks(audio_waveform: jax.Array, audio_chunk_frames: jax.Array,
   """Normalised log-mel float32 [B, C, 128, 400] of waveform chunk slots [B, C, 64240].
 
   Frames at or beyond a chunk's valid count (and whole empty slots) are 0, like the host's
-  zero-padded `features.mel_chunks`.
+  zero-padded chunks of data_pipelines/features.py.
   """
   log_spec = _log_mel_unclamped(audio_waveform)  # [B, C, 400, 128]
   valid = jnp.arange(_FRAMES) < audio_chunk_frames[..., None]  # [B, C, 400]
   top = _audio_max(log_spec, valid, audio_chunk_audio_id)
-  log_spec = jnp.maximum(log_spec, top[..., None, None] - features.DYNAMIC_RANGE)
+  log_spec = jnp.maximum(log_spec, top[..., None, None] - mel_frontend.DYNAMIC_RANGE)
   mel = jnp.where(valid[..., None], (log_spec + 4.0) / 4.0, 0.0)
   return jnp.swapaxes(mel, -1, -2)
 

@@ -7,7 +7,6 @@ merger k's output is added to the output of LLM layer k at the same positions (s
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,13 +16,9 @@ from moss_jax.model import layers
 from moss_jax.model.adapter import GatedMLP
 from moss_jax.model.encoder import AudioEncoder
 from moss_jax.model.llm import Qwen3Model
+from moss_jax.model_config import num_mergers
 
 Array = jax.Array
-
-
-def num_mergers(config: ml_collections.ConfigDict) -> int:
-  """min(len(taps), deepstack_num_inject_layers), as in the reference."""
-  return min(len(config.audio.deepstack_encoder_layer_indexes), config.deepstack_num_inject_layers)
 
 
 def gather_audio(features: Array, audio_token_index: Array) -> Array:
@@ -34,7 +29,7 @@ def gather_audio(features: Array, audio_token_index: Array) -> Array:
 
 
 class MossAudioModel(nn.Module):
-  """The whole model; `config` is config.model (configs/base.py:model_config)."""
+  """The whole model; `config` is config.model (moss_jax/model_config.py)."""
   config: ml_collections.ConfigDict
 
   def setup(self):
@@ -83,10 +78,6 @@ class MossAudioModel(nn.Module):
       return x, None
     inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
     return x, layers.constrain(inject, (None, "batch", "length", "embed"))
-
-  def logits(self, hidden: Array) -> Array:
-    """Float32 logits from final hidden states [..., H]."""
-    return self.lm_head(hidden).astype(jnp.float32)
 
   def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
                audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,

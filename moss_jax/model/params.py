@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from flax.core import meta
 
+from moss_jax import sharding
 from moss_jax.model.moss_audio import MossAudioModel
 
 PyTree = Any
@@ -53,8 +54,12 @@ def init_params(model_config: ml_collections.ConfigDict, rng: jax.Array,
   fn = lambda r: meta.unbox(_boxed_init(model_config, r))
   if mesh is None:
     return jax.jit(fn)(rng)
-  from moss_jax import sharding  # imported here: sharding imports this module
-  return jax.jit(fn, out_shardings=sharding.param_shardings(model_config, mesh))(rng)
+  return jax.jit(fn, out_shardings=param_shardings(model_config, mesh))(rng)
+
+
+def param_shardings(model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
+  """NamedSharding for every parameter: its logical axes through sharding.LOGICAL_AXIS_RULES."""
+  return sharding.logical_to_mesh_sharding(param_logical_axes(model_config), mesh)
 
 
 def stack_layers(tree: PyTree) -> PyTree:
