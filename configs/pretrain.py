@@ -89,6 +89,7 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.asr_eval_samples = 8 if preset == "demo" else 32  # greedy ASR CER/WER samples per eval
   c.final_train_asr_samples = 16 if preset == "demo" else 0  # greedy ASR on training clips at the end
   c.generate_max_tokens = 48 if preset == "demo" else 256
+  c.export_at_end = False  # write the final step to WORKDIR/hf (reference format, bfloat16)
   return c
 
 

@@ -15,6 +15,7 @@ from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import sharding
 from moss_jax.errors import UserError
+from moss_jax.model import attention
 from moss_jax.model.layers import REMAT_POLICY_NAMES
 from moss_jax.model_config import DTYPES, num_mergers
 
@@ -52,6 +53,19 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
   if model.audio.get("conv_stem_impl", "auto") not in CONV_STEM_IMPLS:
     problems.append(f"model.audio.conv_stem_impl={model.audio.conv_stem_impl!r}: choose one of "
                     f"{CONV_STEM_IMPLS}")
+  impl = model.get("attention", "auto")
+  if impl not in attention.IMPLEMENTATIONS:
+    problems.append(f"model.attention={impl!r}: choose one of {attention.IMPLEMENTATIONS}")
+  if model.get("attention_block_size", 1) < 1:
+    problems.append(f"model.attention_block_size must be positive, got {model.attention_block_size}")
+  if model.get("loss_vocab_block", 1) < 1:
+    problems.append(f"model.loss_vocab_block must be positive, got {model.loss_vocab_block}")
+  if model.get("loss_chunk_size", 0) < 0:
+    problems.append(f"model.loss_chunk_size must be >= 0 (0 = no chunking), got "
+                    f"{model.loss_chunk_size}")
+  if impl == "cudnn" and model.dtype == "float32":
+    problems.append("model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN fused "
+                    "attention has no float32 kernel)")
   text, audio = model.text, model.audio
   if text.num_attention_heads % text.num_key_value_heads:
     problems.append(f"model.text.num_attention_heads ({text.num_attention_heads}) must be a "
@@ -179,6 +193,11 @@ def validate(config, num_devices: int, process_count: int = 1, check_paths: bool
   dims = _mesh_dims(config.mesh.shape, num_devices, problems)
   data_fsdp, tensor = (dims[0] * dims[1], dims[2]) if dims else (1, 1)
   _check_model(config.model, tensor, problems)
+  if config.model.get("attention", "auto") == "splash":
+    problem = attention.check_splash_lengths(config.data.max_tokens,
+                                             config.model.get("attention_block_size", 512))
+    if problem:
+      problems.append(problem)
   _check_data(config.data, data_fsdp, process_count, config.train.grad_accum, check_paths,
               problems)
   _check_optim_train(config.optim, config.train, problems)

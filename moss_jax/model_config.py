@@ -10,8 +10,9 @@ Fields:
             downsampling are architecture constants in moss_jax/batch.py, not config fields
   text.*    the Qwen3 language model (spec 4)
   adapter_hidden_size, deepstack_num_inject_layers   adapter and DeepStack mergers (spec 3)
-  dtype, param_dtype, scan_layers, scan_unroll, remat_policy, audio.conv_stem_impl
-            how it runs (not part of the checkpoint)
+  dtype, param_dtype, scan_layers, scan_unroll, remat_policy, attention, attention_block_size,
+  loss_vocab_block, loss_chunk_size, audio.conv_stem_impl   how it runs (not part of the
+            checkpoint)
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ DEFAULTS = dict(
     # the scans' stacked residual buffers and their zero-fill + copy: faster on CPU).
     scan_unroll=1,
     remat_policy="none",  # one of moss_jax/model/layers.py REMAT_POLICY_NAMES
+    # LLM attention (moss_jax/model/attention.py): auto | xla | blockwise | cudnn | splash. auto =
+    # splash on TPU, cudnn on GPU (bf16), blockwise elsewhere; xla is the reference einsum path.
+    attention="auto",
+    attention_block_size=512,  # query/key block of blockwise and splash attention
+    # The loss fuses lm_head into a cross-entropy over vocabulary blocks of about
+    # loss_vocab_block columns, so [B, L, vocab] float32 logits never exist; loss_chunk_size > 0
+    # also cuts rows into token chunks of that many positions (0 = whole rows).
+    loss_vocab_block=16384,
+    loss_chunk_size=0,
 )
 
 # Reference shapes. The 4B and 8B models share the encoder (32 x 1280) and differ in the LLM.

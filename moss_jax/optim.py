@@ -133,15 +133,18 @@ def decay_mask(params: PyTree) -> PyTree:
       lambda p, _: path_str(p).rsplit("/", 1)[-1] in _DECAYED_LEAF_NAMES, params)
 
 
-def make_optimizer(optim_config) -> optax.GradientTransformation:
+def make_optimizer(optim_config, clip: bool = True) -> optax.GradientTransformation:
   """AdamW without the learning rate: clip -> Adam moments -> decoupled weight decay.
 
   The caller multiplies the result by -lr(step) (see `apply_lr`); together this is optax's AdamW
   (`scale_by_adam`, `add_decayed_weights`, `scale_by_learning_rate`) with the clip in front.
+  `clip=False` leaves the clip to the caller (the train step clips with the norm it computes
+  anyway, which saves XLA a gradient-sized buffer); the state has the same structure either way.
   """
   parts = []
   if optim_config.clip_norm and optim_config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)))
+    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)) if clip
+                 else optax.identity())
   parts.append(optax.scale_by_adam(b1=float(optim_config.b1), b2=float(optim_config.b2),
                                    eps=float(optim_config.eps)))
   if optim_config.weight_decay:

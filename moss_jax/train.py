@@ -21,8 +21,8 @@ from ml_collections import config_flags
 
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
-from moss_jax import checkpoint, cli, config_validation, distributed, evaluate, flops, hf, metrics
-from moss_jax import progress, sharding
+from moss_jax import checkpoint, cli, config_validation, distributed, evaluate, export, flops, hf
+from moss_jax import metrics, progress, sharding
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -251,6 +251,10 @@ class Run:
       result["eval"] = self.evaluate(step, final=True)
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
+      if cfg.get("export_at_end", False) and self.is_main:
+        r = export.export_run(self.workdir, os.path.join(self.workdir, "hf"), step=step,
+                              overwrite=True)
+        self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
 
   def _diverged(self, step: int, m) -> None:

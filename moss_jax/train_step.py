@@ -10,9 +10,9 @@ State is a plain dict pytree (Orbax saves it as is):
 
 The loss follows the reference convention (spec 5.4): logits[t-1] predicts labels[t], -100 is
 ignored. Steps return token *sums* per task, so means over micro-batches, devices and log
-intervals are exact. Gradient accumulation differentiates the summed loss of each micro-batch
-and divides by the step's total label count once, so k micro-batches give the same update as
-one batch of k times the rows.
+intervals are exact. Gradient accumulation differentiates each micro-batch's summed loss divided
+by the whole step's label count (known from the batch up front), so k micro-batches give the
+same update as one batch of k times the rows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import sharding as sharding_lib
 from moss_jax import model as model_lib
+from moss_jax.model import layers
 from moss_jax.model.mel import model_audio_mel
 
 PyTree = Any
@@ -40,15 +41,10 @@ SCALAR_KEYS = ("step", "skipped_total", "consecutive_skipped")
 
 # ----------------------------------------------------------------------------- loss
 
-def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
-                z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Sums of cross-entropy, z-loss, label tokens and correct argmaxes, overall and per task.
-
-  logits [B, L, V] (any float dtype; computed in float32), labels / task_ids int32 [B, L].
-  """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
-  tasks = task_ids[:, 1:]
+def _stat_sums(logits: jax.Array, targets: jax.Array, tasks: jax.Array,
+               z_loss: float) -> dict[str, jax.Array]:
+  """The sums of `token_stats` for logits [..., V] already aligned with their targets [...]."""
+  logits = logits.astype(jnp.float32)
   valid = targets != batch_lib.IGNORE_INDEX
   validf = valid.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
@@ -60,12 +56,195 @@ def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
       "ce_sum": ce.sum(),
       "tokens": validf.sum(),
       "correct": correct.sum(),
-      "task_ce_sum": jnp.einsum("blt,bl->t", onehot, ce),
-      "task_tokens": onehot.sum(axis=(0, 1)),
-      "task_correct": jnp.einsum("blt,bl->t", onehot, correct),
+      "task_ce_sum": jnp.einsum("...t,...->t", onehot, ce),
+      "task_tokens": onehot.reshape(-1, NUM_TASKS).sum(axis=0),
+      "task_correct": jnp.einsum("...t,...->t", onehot, correct),
   }
   stats["z_loss_sum"] = (z_loss * jnp.square(logz) * validf).sum() if z_loss else jnp.zeros(())
   return stats
+
+
+def token_stats(logits: jax.Array, labels: jax.Array, task_ids: jax.Array,
+                z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Sums of cross-entropy, z-loss, label tokens and correct argmaxes, overall and per task.
+
+  logits [B, L, V] (any float dtype; computed in float32), labels / task_ids int32 [B, L].
+  The reference of `chunked_token_stats`, which the steps use.
+  """
+  return _stat_sums(logits[:, :-1], labels[:, 1:], task_ids[:, 1:], z_loss)
+
+
+def _task_sums(per_token: dict[str, jax.Array], tasks: jax.Array, validf: jax.Array
+               ) -> dict[str, jax.Array]:
+  """token_stats' dict from per-token ce / correct / z terms (already zero where not valid)."""
+  onehot = jax.nn.one_hot(jnp.clip(tasks, 0, NUM_TASKS - 1), NUM_TASKS) * validf[..., None]
+  return {
+      "ce_sum": per_token["ce"].sum(),
+      "tokens": validf.sum(),
+      "correct": per_token["correct"].sum(),
+      "task_ce_sum": jnp.einsum("...t,...->t", onehot, per_token["ce"]),
+      "task_tokens": onehot.reshape(-1, NUM_TASKS).sum(axis=0),
+      "task_correct": jnp.einsum("...t,...->t", onehot, per_token["correct"]),
+      "z_loss_sum": per_token["z"].sum(),
+  }
+
+
+def _vocab_blocks(vocab: int, target: int) -> tuple[int, int]:
+  """(block, padded vocab): the largest divisor of `vocab` in [target/2, target] when there is
+  one (no padding copy of the weight), else `target` with the vocabulary padded up to it."""
+  target = max(1, min(target, vocab))
+  for block in range(target, (target + 1) // 2 - 1, -1):
+    if vocab % block == 0:
+      return block, vocab
+  return target, -(-vocab // target) * target
+
+
+def _block_logits(h: jax.Array, w_block: jax.Array, j: jax.Array, vb: int, vocab: int
+                  ) -> jax.Array:
+  """float32 logits of vocabulary block j, [B, c, vb]; padded vocabulary columns -> -inf-ish."""
+  logits = jnp.einsum("blh,hv->blv", h, w_block, preferred_element_type=jnp.float32)
+  logits = layers.constrain(logits, ("batch", "length", "vocab"))
+  if vocab % vb:
+    ids = j * vb + jnp.arange(vb)
+    logits = jnp.where(ids < vocab, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+def _split_vocab(w: jax.Array, vb: int, padded: int, dtype) -> jax.Array:
+  """[H, V] weight -> [n, H, vb] blocks in the compute dtype (cast while still sharded, so any
+  gather moves compute-dtype bytes)."""
+  w = layers.constrain(w.astype(dtype), ("embed", "vocab"))
+  if padded != w.shape[1]:
+    w = jnp.pad(w, ((0, 0), (0, padded - w.shape[1])))
+  blocks = jnp.moveaxis(w.reshape(w.shape[0], padded // vb, vb), 1, 0)
+  return layers.constrain(blocks, (None, "embed", "vocab"))
+
+
+def _fused_forward(h, w, targets, tasks, z_loss, vb, dtype):
+  """Online log-sum-exp, target logit and first argmax over vocabulary blocks."""
+  vocab = w.shape[1]
+  _, padded = _vocab_blocks(vocab, vb)
+  blocks = _split_vocab(w, vb, padded, dtype)
+  shape = targets.shape
+  neg = jnp.finfo(jnp.float32).min
+
+  def body(carry, xs):
+    m, s, tgt, best, best_id = carry
+    w_block, j = xs
+    logits = _block_logits(h, w_block, j, vb, vocab)
+    block_max = logits.max(axis=-1)
+    m_new = jnp.maximum(m, block_max)
+    s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(axis=-1)
+    local = targets - j * vb
+    inside = (local >= 0) & (local < vb)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vb - 1)[..., None], axis=-1)[..., 0]
+    tgt = jnp.where(inside, picked, tgt)
+    better = block_max > best  # strict: the first maximum wins, as jnp.argmax
+    best_id = jnp.where(better, j * vb + jnp.argmax(logits, axis=-1), best_id)
+    return (m_new, s, tgt, jnp.maximum(best, block_max), best_id), None
+
+  init = (jnp.full(shape, neg), jnp.zeros(shape), jnp.zeros(shape), jnp.full(shape, neg),
+          jnp.zeros(shape, jnp.int32))
+  (m, s, tgt, _, best_id), _ = jax.lax.scan(body, init, (blocks, jnp.arange(padded // vb)))
+  lse = m + jnp.log(s)
+  valid = targets != batch_lib.IGNORE_INDEX
+  validf = valid.astype(jnp.float32)
+  per_token = {"ce": (lse - tgt) * validf,
+               "correct": ((best_id == targets) & valid).astype(jnp.float32),
+               "z": z_loss * jnp.square(lse) * validf}
+  return _task_sums(per_token, tasks, validf), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_stats(h, w, targets, tasks, z_loss, vb, dtype):
+  return _fused_forward(h, w, targets, tasks, z_loss, vb, dtype)[0]
+
+
+def _fused_stats_fwd(h, w, targets, tasks, z_loss, vb, dtype):
+  stats, lse = _fused_forward(h, w, targets, tasks, z_loss, vb, dtype)
+  return stats, (h, w, targets, tasks, lse)
+
+
+def _fused_stats_bwd(z_loss, vb, dtype, res, ct):
+  """d/dlogits of ce is softmax - onehot(target), of z_loss * lse^2 it is 2 z_loss lse softmax;
+  each vocabulary block's logits are recomputed, its weight gradient [H, vb] is made and
+  constrained to the weight's sharding (reduce-scattered block by block), and dh accumulates."""
+  h, w, targets, tasks, lse = res
+  vocab = w.shape[1]
+  _, padded = _vocab_blocks(vocab, vb)
+  blocks = _split_vocab(w, vb, padded, dtype)
+  validf = (targets != batch_lib.IGNORE_INDEX).astype(jnp.float32)
+  task_ct = ct["task_ce_sum"][jnp.clip(tasks, 0, NUM_TASKS - 1)]
+  g_ce = (ct["ce_sum"] + task_ct) * validf
+  g_soft = g_ce + ct["z_loss_sum"] * 2.0 * z_loss * lse * validf
+
+  def body(dh, xs):
+    w_block, j = xs
+    p = jnp.exp(_block_logits(h, w_block, j, vb, vocab) - lse[..., None])
+    local = targets - j * vb
+    onehot = jax.nn.one_hot(local, vb, dtype=jnp.float32)  # all-zero rows outside the block
+    dlogits = (p * g_soft[..., None] - onehot * g_ce[..., None]).astype(dtype)
+    dh = dh + jnp.einsum("blv,hv->blh", dlogits, w_block, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("blh,blv->hv", h, dlogits, preferred_element_type=jnp.float32)
+    return dh, layers.constrain(dw, ("embed", "vocab"))
+
+  dh, dw = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32),
+                        (blocks, jnp.arange(padded // vb)))
+  dw = jnp.moveaxis(dw, 0, 1).reshape(w.shape[0], padded)[:, :vocab]
+  dw = layers.constrain(dw, ("embed", "vocab")).astype(w.dtype)
+  return dh.astype(h.dtype), dw, None, None
+
+
+_fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd)
+
+
+def chunked_token_stats(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
+                        task_ids: jax.Array, z_loss: float = 0.0, chunk_size: int = 0,
+                        vocab_block: int = 16384, dtype: Any = None) -> dict[str, jax.Array]:
+  """`token_stats(hidden @ kernel, labels, task_ids, z_loss)` with lm_head fused into the loss,
+  never holding [B, L, V] logits.
+
+  hidden [B, L, H] final hidden states, kernel [H, V] the lm_head weight (any float dtype; the
+  products run in `dtype`, default hidden.dtype, with float32 accumulation, as nn.Dense does).
+  The vocabulary is walked in blocks of about `vocab_block` columns with an online log-sum-exp
+  (a custom VJP recomputes each block's logits in the backward pass and reduces each block's
+  weight gradient into the weight's sharding at once), so the float32 logits, softmax and
+  gradient of the whole vocabulary (27 GiB per device for the 4b preset at 4096 tokens) never
+  exist. `chunk_size` > 0 also cuts the rows into token chunks of that many positions (a
+  rematerialised scan), for when [B, L, vocab_block] is itself too large.
+  """
+  dtype = jnp.dtype(dtype or hidden.dtype)
+  b, length, _ = hidden.shape
+  hidden = hidden.astype(dtype)
+  # logits[t] predicts labels[t + 1]; the last position predicts nothing.
+  targets = jnp.concatenate(
+      [labels[:, 1:], jnp.full((b, 1), batch_lib.IGNORE_INDEX, labels.dtype)], axis=1)
+  tasks = jnp.concatenate([task_ids[:, 1:], jnp.zeros((b, 1), task_ids.dtype)], axis=1)
+  vb, _ = _vocab_blocks(kernel.shape[1], vocab_block)
+  stats_of = lambda h, t, k: _fused_stats(h, kernel, t, k, float(z_loss), vb, dtype)
+  if chunk_size <= 0 or chunk_size >= length:
+    return stats_of(hidden, targets, tasks)
+  n = -(-length // chunk_size)
+  extra = n * chunk_size - length
+  hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, extra)), constant_values=batch_lib.IGNORE_INDEX)
+  tasks = jnp.pad(tasks, ((0, 0), (0, extra)))
+  split = lambda x: jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+  chunk_sums = jax.checkpoint(stats_of)
+
+  def body(carry, xs):
+    return jax.tree.map(jnp.add, carry, chunk_sums(*xs)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(stats_of, hidden[:, :chunk_size], targets[:, :chunk_size],
+                                      tasks[:, :chunk_size]))
+  stats, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(tasks)))
+  return stats
+
+
+def label_count(labels: jax.Array) -> jax.Array:
+  """float32 number of supervised tokens (labels[t] for t >= 1 that are not ignored)."""
+  return (labels[:, 1:] != batch_lib.IGNORE_INDEX).sum().astype(jnp.float32)
 
 
 def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -77,16 +256,36 @@ def batch_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-def make_forward(model, model_config) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
-  """(params, batch) -> float32 logits [B, L, V]; the mel is made on device when needed."""
+def make_forward(model, model_config, hidden: bool = False
+                 ) -> Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]:
+  """(params, batch) -> float32 logits [B, L, V] (or, with `hidden`, the final hidden states
+  [B, L, H] before lm_head); the mel is made on device when needed."""
 
   def forward(params, batch):
     mel = model_audio_mel(batch, model_config)
     return model.apply({"params": params}, batch["input_ids"], batch["positions"],
                        batch["segment_ids"], mel, batch["audio_chunk_frames"],
-                       batch["audio_token_index"])
+                       batch["audio_token_index"], method="hidden_states" if hidden else None)
 
   return forward
+
+
+def make_stats_fn(model, model_config, z_loss: float = 0.0
+                  ) -> Callable[[PyTree, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+  """(params, batch) -> token sums (`token_stats`), with lm_head fused into the loss
+  (`chunked_token_stats`): the model returns final hidden states and the loss applies the
+  lm_head kernel one vocabulary block at a time."""
+  forward = make_forward(model, model_config, hidden=True)
+  chunk = int(model_config.get("loss_chunk_size", 0))
+  vocab_block = int(model_config.get("loss_vocab_block", 16384))
+  dtype = jnp.dtype(model_config.dtype)
+
+  def stats_fn(params, batch):
+    hidden = forward(params, batch)
+    return chunked_token_stats(hidden, params["lm_head"]["kernel"], batch["labels"],
+                               batch["task_ids"], z_loss, chunk, vocab_block, dtype)
+
+  return stats_fn
 
 
 # ----------------------------------------------------------------------------- state
@@ -152,32 +351,32 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
-def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
+def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: Callable, grad_accum: int = 1, z_loss: float = 0.0,
-                    micro_sharding: Any = None) -> Callable:
-  """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+                    micro_sharding: Any = None, clip_norm: float = 0.0) -> Callable:
+  """Builds the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
-  def micro_objective(trainable, frozen, micro):
+  `stats_fn(params, batch)` returns the token sums of `token_stats` (make_stats_fn).
+  `clip_norm` > 0 clips the gradients' global norm here, for an optimizer made with
+  `optim.make_optimizer(..., clip=False)`.
+  """
+
+  def micro_objective(trainable, frozen, micro, denom):
     params = optim.merge(trainable, jax.lax.stop_gradient(frozen))
-    logits = forward(params, micro)
-    stats = token_stats(logits, micro["labels"], micro["task_ids"], z_loss)
-    return stats["ce_sum"] + stats["z_loss_sum"], stats
+    stats = stats_fn(params, micro)
+    return (stats["ce_sum"] + stats["z_loss_sum"]) / denom, stats
 
   grad_fn = jax.grad(micro_objective, has_aux=True)
 
-  def accumulate(trainable, frozen, batch):
+  def accumulate(trainable, frozen, batch, denom):
     if grad_accum == 1:
-      return grad_fn(trainable, frozen, batch)
+      return grad_fn(trainable, frozen, batch, denom)
     micros = _split_micro(batch, grad_accum)
 
     def body(carry, micro):
       if micro_sharding is not None:
         micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-      grads, stats = grad_fn(trainable, frozen, micro)
+      grads, stats = grad_fn(trainable, frozen, micro, denom)
       return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
     zero_stats = jax.eval_shape(lambda: token_stats(
@@ -188,21 +387,36 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
     return grads, stats
 
   def train_step(state, batch):
-    grads, stats = accumulate(state["params"], state["frozen"], batch)
-    denom = jnp.maximum(stats["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    # The step's label count is known from the batch before any gradient exists: dividing the
+    # objective by it seeds the backward pass with 1/denom instead of rescaling every gradient
+    # afterwards (a parameter-sized temporary).
+    denom = jnp.maximum(label_count(batch["labels"]), 1.0)
+    grads, stats = accumulate(state["params"], state["frozen"], batch, denom)
     grad_norm = global_norm(grads)
     loss = (stats["ce_sum"] + stats["z_loss_sum"]) / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     lr = schedule(state["step"])
-    directions, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], optim.apply_lr(directions, lr))
+    factor = jnp.ones((), jnp.float32)
+    if clip_norm > 0:
+      factor = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+
+    def update(params, opt_state):
+      # Scaling inside the update lets XLA fuse it into the moment updates; a separate clipped
+      # copy of the gradients would be one more gradient-sized buffer.
+      clipped = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+      directions, new_opt = optimizer.update(clipped, opt_state, params)
+      return optax.apply_updates(params, optim.apply_lr(directions, lr)), new_opt
+
+    # A cond, not a select between new and old values: the select keeps the old parameters and
+    # moments alive next to the new ones, so XLA copies a state-sized buffer to update in place.
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"],
+                                       state["opt_state"])
     new_state = {
         "step": state["step"] + 1,
-        "params": _select(finite, new_params, state["params"]),
+        "params": new_params,
         "frozen": state["frozen"],
-        "opt_state": _select(finite, new_opt, state["opt_state"]),
+        "opt_state": new_opt,
         "skipped_total": state["skipped_total"] + (~finite).astype(jnp.int32),
         "consecutive_skipped": jnp.where(finite, 0, state["consecutive_skipped"] + 1),
     }
@@ -216,12 +430,11 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(forward: Callable, z_loss: float = 0.0) -> Callable:
+def make_eval_step(stats_fn: Callable) -> Callable:
   """`eval_step(params, batch) -> stats` (token sums, per task), forward only."""
 
   def eval_step(params, batch):
-    logits = forward(params, batch)
-    stats = token_stats(logits, batch["labels"], batch["task_ids"], z_loss)
+    stats = stats_fn(params, batch)
     stats.update(batch_stats(batch))
     return stats
 
@@ -348,7 +561,8 @@ def build_program(config, mesh) -> Program:
   """Model, optimizer and the jitted steps with explicit in/out shardings on `mesh`."""
   model = model_lib.MossAudioModel(config=config.model)
   forward = make_forward(model, config.model)
-  optimizer = optim.make_optimizer(config.optim)
+  # The step clips with the gradient norm it computes anyway (see make_optimizer).
+  optimizer = optim.make_optimizer(config.optim, clip=False)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   stage = config.train.stage
 
@@ -365,11 +579,13 @@ def build_program(config, mesh) -> Program:
   micro_sh = None
   if k > 1:
     micro_sh = {name: row_sh for name in shapes}
-  step_fn = make_train_step(forward, optimizer, schedule, grad_accum=k,
-                            z_loss=float(config.optim.z_loss), micro_sharding=micro_sh)
+  z_loss = float(config.optim.z_loss)
+  stats_fn = make_stats_fn(model, config.model, z_loss)
+  step_fn = make_train_step(stats_fn, optimizer, schedule, grad_accum=k, z_loss=z_loss,
+                            micro_sharding=micro_sh, clip_norm=float(config.optim.clip_norm))
   with sharding_lib.use_mesh(mesh):
     train_jit = jit_train_step(step_fn, st_sh, batch_sh, mesh, abs_state, abs_batch)
-    eval_fn = make_eval_step(forward, float(config.optim.z_loss))
+    eval_fn = make_eval_step(stats_fn)
     rep = metric_shardings(mesh)
     eval_out = jax.eval_shape(eval_fn, abs_params, abs_batch)
     eval_jit = jax.jit(eval_fn, in_shardings=(p_sh, batch_sh), out_shardings=rep(eval_out))

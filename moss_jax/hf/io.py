@@ -28,7 +28,8 @@ from moss_jax.model import MossAudioModel, param_shardings
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-# Files of a released repo that save_pretrained copies verbatim from `source_dir` (spec 6.3).
+# Files of a released repo that save_pretrained takes from `source_dir` (spec 6.3): copied
+# verbatim, except the processor / generation configs, which are the base of the ones written.
 AUX_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
              "added_tokens.json", "special_tokens_map.json", "chat_template.jinja",
              "configuration_moss_audio.py", "processing_moss_audio.py", "processor_config.json",
@@ -210,7 +211,8 @@ def _unwrap(params: Mapping) -> Mapping:
 
 def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
                     max_shard_size: int | str = "5GB", token_ids: Mapping[str, int] | None = None,
-                    source_dir: str | None = None, enable_time_marker: bool = True) -> list[str]:
+                    source_dir: str | None = None, enable_time_marker: bool | None = None,
+                    tokenizer: str | None = None) -> list[str]:
   """Writes the reference format; returns the weight files written.
 
   Args:
@@ -220,9 +222,14 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
     dtype: tensor dtype in the files (the released checkpoints are bfloat16).
     max_shard_size: bytes or "5GB"; above it the weights are split with an index file.
     token_ids: special ids for config.json / processor_config.json / generation_config.json
-      (audio_token_id, audio_start_id, audio_end_id, bos_token_id, eos_token_id).
-    source_dir: a released directory whose tokenizer / processor / remote-code files are copied.
-    enable_time_marker: processor_config.json's flag (when not copied from source_dir).
+      (audio_token_id, audio_start_id, audio_end_id, bos_token_id, eos_token_id); default: those
+      of `source_dir`, else the Qwen3 reference ids.
+    source_dir: a released directory whose tokenizer / chat template / remote-code files are
+      copied, and whose processor / generation configs are the base of ours (fields not set
+      here, such as a chat template's extras, are kept).
+    enable_time_marker: processor_config.json's flag (default: source_dir's, else True).
+    tokenizer: the tokenizer the model was trained with (a tokenizer.json, a directory holding
+      one, or a sentencepiece .model); its files are copied (after source_dir's).
   """
   params = _unwrap(params)
   model_config = model.config
@@ -231,31 +238,48 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
   by_name = {e.hf_key: e for e in entries}
   np_dtype = np.dtype(jnp.dtype(dtype))
   os.makedirs(path, exist_ok=True)
-  _remove_old_weights(path)
-  sizes = [(e.hf_key, int(np.prod(e.hf_shape)) * np_dtype.itemsize) for e in entries]
-  shards = plan_shards(sizes, parse_size(max_shard_size))
-  files = [SINGLE_FILE] if len(shards) == 1 else [
-      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   with progress.Progress(len(entries), f"saving {path}", unit=" tensors") as bar:
+    files = write_weights(path, [(e.hf_key, e.hf_shape) for e in entries],
+                          lambda name: mapping.export_tensor(params, by_name[name]), np_dtype,
+                          max_shard_size, on_written=lambda _: bar.update(1))
+  write_model_configs(path, model_config, np_dtype, token_ids, enable_time_marker, source_dir,
+                      tokenizer)
+  return files
 
-    def produce(name: str) -> np.ndarray:
-      bar.update(1)
-      return mapping.export_tensor(params, by_name[name]).astype(np_dtype)
 
-    for fname, names in zip(files, shards):
-      specs = [(n, by_name[n].hf_shape, np_dtype) for n in names]
-      write_file(os.path.join(path, fname), specs, produce, metadata={"format": "pt"})
+def write_weights(path: str, tensors: list[tuple[str, tuple[int, ...]]], produce,
+                  dtype, max_shard_size: int | str = "5GB", on_written=None) -> list[str]:
+  """Writes `tensors` (name, torch-layout shape), in this order, as safetensors files in `path`.
+
+  `produce(name)` returns one tensor (any float dtype; cast to `dtype` here) when its turn to be
+  written comes, so at most one tensor is in memory. One model.safetensors, or
+  model-0000k-of-0000n.safetensors + model.safetensors.index.json above `max_shard_size`. Stale
+  weight files in `path` are removed first. `on_written(nbytes)` is called after each tensor
+  (progress bars). Returns the weight file names.
+  """
+  np_dtype = np.dtype(dtype)
+  _remove_old_weights(path)
+  sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize)
+           for name, shape in tensors]
+  shapes = dict(tensors)
+  shards = plan_shards(sizes, parse_size(max_shard_size))
+  files = [SINGLE_FILE] if len(shards) <= 1 else [
+      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+  def cast(name):
+    arr = np.asarray(produce(name))
+    out = arr.astype(np_dtype, copy=False)
+    if on_written is not None:
+      on_written(out.nbytes)
+    return out
+
+  for fname, names in zip(files, shards or [[]]):
+    specs = [(n, shapes[n], np_dtype) for n in names]
+    write_file(os.path.join(path, fname), specs, cast, metadata={"format": "pt"})
   if len(files) > 1:
     weight_map = {n: f for f, names in zip(files, shards) for n in names}
     config_io.write_json(os.path.join(path, INDEX_FILE), {
         "metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map})
-  if source_dir and token_ids is None:
-    token_ids = config_io.read_token_ids(source_dir)
-  _write_configs(path, model_config, np_dtype, token_ids, enable_time_marker)
-  if source_dir:
-    for name in AUX_FILES:
-      if os.path.exists(os.path.join(source_dir, name)):
-        shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
   return files
 
 
@@ -265,13 +289,80 @@ def _remove_old_weights(path: str) -> None:
       os.remove(os.path.join(path, name))
 
 
-def _write_configs(path, model_config, np_dtype, token_ids, enable_time_marker) -> None:
-  config_io.write_json(os.path.join(path, "config.json"),
-                       config_io.hf_config_from_model(model_config, np_dtype.name, token_ids))
-  config_io.write_json(os.path.join(path, "processor_config.json"),
-                       config_io.processor_config(token_ids, enable_time_marker))
+def write_model_configs(path: str, model_config, dtype, token_ids: Mapping[str, int] | None = None,
+                        enable_time_marker: bool | None = None, source_dir: str | None = None,
+                        tokenizer: str | None = None) -> None:
+  """config.json, processor_config.json, generation_config.json, tokenizer and remote-code files.
+
+  Files of `source_dir` are copied first, then the configs are written over them from the
+  arguments (a released processor / generation config is the base, our ids and flags win), and
+  `auto_map` names the remote-code files only when they are really in `path`: transformers'
+  trust_remote_code loading fails on an auto_map whose files are missing.
+  """
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  base_proc, base_gen = {}, {}
+  if source_dir:
+    if token_ids is None:
+      token_ids = config_io.read_token_ids(source_dir)
+    for name in AUX_FILES:
+      src = os.path.join(source_dir, name)
+      if not os.path.exists(src):
+        continue
+      if name == "processor_config.json":
+        base_proc = config_io.read_json(src)
+      elif name == "generation_config.json":
+        base_gen = config_io.read_json(src)
+      else:
+        shutil.copyfile(src, os.path.join(path, name))
+  if tokenizer:
+    copy_tokenizer(tokenizer, path)
+  if enable_time_marker is None:
+    enable_time_marker = bool(base_proc.get("enable_time_marker", True))
+  remote = {f for f in REMOTE_CODE_FILES if os.path.exists(os.path.join(path, f))}
+  config = config_io.hf_config_from_model(model_config, np_dtype.name, token_ids)
+  proc = dict(base_proc, **config_io.processor_config(token_ids, enable_time_marker))
+  for obj in (config, proc):
+    _keep_present_auto_map(obj, remote)
+  config_io.write_json(os.path.join(path, "config.json"), config)
+  config_io.write_json(os.path.join(path, "processor_config.json"), proc)
   config_io.write_json(os.path.join(path, "generation_config.json"),
-                       config_io.generation_config(token_ids))
+                       dict(base_gen, **config_io.generation_config(token_ids)))
+
+
+REMOTE_CODE_FILES = ("configuration_moss_audio.py", "processing_moss_audio.py")
+# Files of a Hugging Face tokenizer directory, copied beside an export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+
+
+def _keep_present_auto_map(obj: dict, present: set[str]) -> None:
+  """Drops auto_map entries ("module.Class") whose module file is not in the directory."""
+  auto = obj.get("auto_map")
+  if not auto:
+    return
+  kept = {k: v for k, v in auto.items() if f"{str(v).split('.')[0]}.py" in present}
+  if kept:
+    obj["auto_map"] = kept
+  else:
+    obj.pop("auto_map")
+
+
+def copy_tokenizer(tokenizer: str, path: str) -> list[str]:
+  """Copies a tokenizer's files into `path`: a directory's tokenizer files, or one file
+  (tokenizer.json, or a sentencepiece model, stored as tokenizer.model). Returns the names."""
+  if os.path.isdir(tokenizer):
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]
+    if not names:
+      raise FileNotFoundError(f"tokenizer directory {tokenizer} holds none of {TOKENIZER_FILES}")
+    for n in names:
+      shutil.copyfile(os.path.join(tokenizer, n), os.path.join(path, n))
+    return names
+  if not os.path.isfile(tokenizer):
+    raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
+  name = "tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model"
+  shutil.copyfile(tokenizer, os.path.join(path, name))
+  return [name]
 
 
 # ---------------------------------------------------------------------------------------------

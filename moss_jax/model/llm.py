@@ -2,7 +2,8 @@
 
 Attention is causal AND restricted to the token's own packed segment (segment_ids; 0 = padding,
 which attends to earlier padding, so it never sees an all-masked row). RoPE positions come from
-the batch (they restart in every packed segment).
+the batch (they restart in every packed segment). The layers receive segment ids, not a mask:
+the attention implementation (model/attention.py, `model.attention`) builds the mask per block.
 """
 
 from __future__ import annotations
@@ -15,19 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from moss_jax.model import adapter, layers
+from moss_jax.model import attention as attention_lib
+from moss_jax.model.attention import packed_causal_mask  # noqa: F401  (re-exported)
 
 Array = jax.Array
 
 ACT = ("batch", "length", "embed")
-
-
-def packed_causal_mask(segment_ids: Array) -> Array:
-  """[B, 1, L, L] bool: key index <= query index and same segment id."""
-  length = segment_ids.shape[-1]
-  idx = jnp.arange(length)
-  causal = idx[None, :] <= idx[:, None]
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None]
 
 
 class Qwen3Attention(nn.Module):
@@ -35,9 +29,11 @@ class Qwen3Attention(nn.Module):
   config: ml_collections.ConfigDict  # config.model.text
   dtype: Any
   param_dtype: Any
+  attention: str = "auto"  # config.model.attention
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
     cfg = self.config
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -53,7 +49,9 @@ class Qwen3Attention(nn.Module):
     q = layers.constrain(layers.apply_rope(q, cos, sin), ("batch", "length", "heads", None))
     k = layers.constrain(layers.apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = layers.constrain(v, ("batch", "length", "kv_heads", None))
-    out = layers.attention(q, k, v, scale=hd ** -0.5, mask=mask).reshape(b, l, nq * hd)
+    out = attention_lib.segment_causal_attention(
+        q, k, v, segment_ids, scale=hd ** -0.5, implementation=self.attention,
+        block_size=self.attention_block_size).reshape(b, l, nq * hd)
     return layers.dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
 
 
@@ -66,14 +64,18 @@ class Qwen3DecoderLayer(nn.Module):
   config: ml_collections.ConfigDict
   dtype: Any
   param_dtype: Any
+  attention: str = "auto"
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array, inject: Array | None,
+  def __call__(self, x: Array, positions: Array, segment_ids: Array, inject: Array | None,
                layer_index: Array) -> tuple[Array, None]:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-    x = x + Qwen3Attention(cfg, name="self_attn", **kw)(h, positions, mask)
+    x = x + Qwen3Attention(cfg, name="self_attn", attention=self.attention,
+                           attention_block_size=self.attention_block_size, **kw)(
+                               h, positions, segment_ids)
     h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + adapter.GatedMLP(cfg.intermediate_size, cfg.hidden_size, in_axis="embed",
                              name="mlp", **kw)(h)
@@ -91,6 +93,8 @@ class Qwen3Model(nn.Module):
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention: str = "auto"  # config.model.attention
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK
   scan_unroll: int = 1  # layers per scan iteration (config.model.scan_unroll)
 
   def setup(self):
@@ -99,7 +103,8 @@ class Qwen3Model(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(layers.DEFAULT_INIT, ("vocab", "embed")))
     layer_cls = layers.maybe_remat(Qwen3DecoderLayer, self.remat_policy, scanned=self.scan_layers)
-    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+              attention_block_size=self.attention_block_size)
     if self.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
@@ -118,13 +123,12 @@ class Qwen3Model(nn.Module):
                inject: Array | None = None) -> Array:
     """x: input embeddings [B, L, H]; inject: [K, B, L, H] DeepStack adds or None. -> [B, L, H]."""
     x = layers.constrain(x.astype(self.dtype), ACT)
-    mask = packed_causal_mask(segment_ids)
     if inject is not None:
       inject = inject.astype(self.dtype)
     n = self.config.num_hidden_layers
     if self.scan_layers:
-      x, _ = self.layers(x, positions, mask, inject, jnp.arange(n, dtype=jnp.int32))
+      x, _ = self.layers(x, positions, segment_ids, inject, jnp.arange(n, dtype=jnp.int32))
     else:
       for i, layer in enumerate(self.layers):
-        x, _ = layer(x, positions, mask, inject, jnp.asarray(i, jnp.int32))
+        x, _ = layer(x, positions, segment_ids, inject, jnp.asarray(i, jnp.int32))
     return self.norm(x)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moss_jax.model import layers
+from moss_jax.model import attention, layers
 from moss_jax.model.adapter import GatedMLP
 from moss_jax.model.encoder import AudioEncoder
 from moss_jax.model.llm import Qwen3Model
@@ -43,9 +43,12 @@ class MossAudioModel(nn.Module):
                param_dtype=pdtype)
     self.audio_adapter = GatedMLP(**mlp)
     self.deepstack_audio_merger_list = [GatedMLP(**mlp) for _ in range(num_mergers(cfg))]
-    self.language_model = Qwen3Model(cfg.text, dtype=dtype, param_dtype=pdtype,
-                                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
-                                     scan_unroll=unroll)
+    # .get: model configs saved before these fields existed still load.
+    self.language_model = Qwen3Model(
+        cfg.text, dtype=dtype, param_dtype=pdtype, scan_layers=cfg.scan_layers,
+        remat_policy=cfg.remat_policy, attention=cfg.get("attention", "auto"),
+        attention_block_size=cfg.get("attention_block_size", attention.DEFAULT_BLOCK),
+        scan_unroll=unroll)
     self.lm_head = layers.dense(cfg.text.vocab_size, ("embed", "vocab"), use_bias=False,
                                 dtype=dtype, param_dtype=pdtype)
 
@@ -79,14 +82,27 @@ class MossAudioModel(nn.Module):
     inject = jax.vmap(gather_audio, in_axes=(0, None))(merger_outs, audio_token_index)
     return x, layers.constrain(inject, (None, "batch", "length", "embed"))
 
-  def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
-               audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
-               audio_token_index: Array | None = None) -> Array:
-    """Float32 logits [B, L, vocab]. Without audio_mel the model runs as a plain text LLM."""
+  def logits(self, hidden: Array) -> Array:
+    """Float32 logits [..., V] from final hidden states [..., H] (the chunked loss calls this per
+    token chunk, so the whole [B, L, V] array never exists)."""
+    logits = self.lm_head(hidden)
+    if logits.ndim == 3:
+      logits = layers.constrain(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32)
+
+  def hidden_states(self, input_ids: Array, positions: Array, segment_ids: Array,
+                    audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
+                    audio_token_index: Array | None = None) -> Array:
+    """Final hidden states [B, L, H] (after the last RMSNorm), before lm_head."""
     adapter_out = merger_outs = None
     if audio_mel is not None:
       adapter_out, merger_outs = self.encode_audio(audio_mel, audio_chunk_frames)
     x, inject = self.embed_with_audio(input_ids, audio_token_index, adapter_out, merger_outs)
-    hidden = self.language_model(x, positions, segment_ids, inject)
-    logits = layers.constrain(self.lm_head(hidden), ("batch", "length", "vocab"))
-    return logits.astype(jnp.float32)
+    return self.language_model(x, positions, segment_ids, inject)
+
+  def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
+               audio_mel: Array | None = None, audio_chunk_frames: Array | None = None,
+               audio_token_index: Array | None = None) -> Array:
+    """Float32 logits [B, L, vocab]. Without audio_mel the model runs as a plain text LLM."""
+    return self.logits(self.hidden_states(input_ids, positions, segment_ids, audio_mel,
+                                          audio_chunk_frames, audio_token_index))

@@ -1,0 +1,626 @@
+r"""`python -m moss_jax.export`: a training run <-> the reference (Hugging Face) format.
+
+  python -m moss_jax.export --workdir RUN [--step N] --output_dir OUT [--dtype bfloat16|float32]
+      [--max_shard_size 5GB] [--tokenizer PATH] [--llm_only] [--overwrite]
+  python -m moss_jax.export --from_hf DIR --output_dir RUN [--config configs/pretrain.py:4b]
+
+The first form writes the latest complete checkpoint of RUN (or step N) as a directory the
+reference PyTorch code, vLLM and SGLang load unchanged: safetensors weights (trainable and frozen
+halves merged, no optimizer state), config.json, processor_config.json, generation_config.json,
+the run's tokenizer files and the run's resolved config (moss_jax_config.json). `--llm_only`
+writes the Qwen3 LLM alone as a plain Qwen3ForCausalLM directory.
+
+The second form turns a reference-format directory into a run directory (an Orbax checkpoint at
+step 0 plus config.json) that `export --workdir` reads and `train` starts from with
+`--config.train.init_from_checkpoint=RUN/checkpoints`.
+
+Why it streams: a checkpoint is read one parameter leaf at a time straight from the Orbax files
+(tensorstore, no devices, any mesh or process count that wrote it) and each tensor goes to disk
+as soon as it is converted, so host memory peaks near the largest leaf (a layer-stacked kernel),
+never the model. Tensors are written leaf by leaf (all layers of one stacked kernel, then the
+next); the index file maps every name to its shard, so the order within files is free.
+
+Why a temporary directory: the files are written to a hidden directory beside OUT and renamed to
+OUT only when everything is on disk, so a full disk or a killed export never leaves a directory
+that looks like a complete model.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import errno
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from configs import pretrain
+from data_pipelines import tokenizers
+from moss_jax import checkpoint, cli, hf, optim, progress
+from moss_jax.errors import UserError
+from moss_jax.hf import config_io, io, mapping
+
+CONFIG_FILE = "config.json"  # a run's resolved config (train.write_config)
+RUN_CONFIG_IN_EXPORT = "moss_jax_config.json"
+CHECKPOINTS = "checkpoints"
+DTYPES = ("bfloat16", "float32", "float16")
+# Special ids: (name in config.data.tokenizer / our tokenizers, name in the HF config files).
+_ID_NAMES = (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
+             ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
+             ("im_end_id", "eos_token_id"))
+# Chunks decoded at once while reading a leaf: parallel decompression vs transient memory (more
+# did not help on the 2-core benchmark machine).
+_CHUNKS_IN_FLIGHT = 2
+# Errors of a write that ran out of room (a full disk, a quota, a file-size limit).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@dataclasses.dataclass
+class ExportResult:
+  step: int
+  output_dir: str
+  files: list[str]
+  tensor_bytes: int
+  seconds: float
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+def find_step(workdir, step: int | None = None) -> tuple[int, epath.Path]:
+  """(step, step directory) of the newest complete checkpoint of a run, or of `step`."""
+  ckpt_dir = _absolute(workdir) / CHECKPOINTS
+  steps = checkpoint.complete_steps(ckpt_dir)
+  if not steps:
+    raise UserError(f"{workdir} holds no complete checkpoint (looked in {ckpt_dir})")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f"step {step} is not a complete checkpoint of {workdir}; complete steps: "
+                    f"{', '.join(map(str, steps))}")
+  return step, ckpt_dir / str(step)
+
+
+def open_checkpoint(workdir, step: int | None = None
+                    ) -> tuple[int, ml_collections.ConfigDict, "CheckpointParams"]:
+  """(step, config, parameters) of `step`; without one, of the newest complete step whose
+  metadata and config can be read (older ones are tried in turn with a warning, as train's
+  restore does)."""
+  newest, step_dir = find_step(workdir, step)
+  if step is not None:
+    return step, run_config(step_dir, workdir), CheckpointParams(step_dir)
+  errors = []
+  for s in checkpoint.complete_steps(step_dir.parent)[::-1]:
+    d = step_dir.parent / str(s)
+    try:
+      return s, run_config(d, workdir), CheckpointParams(d)
+    except UserError as e:
+      errors.append(f"step {s}: {e}")
+      logging.warning("cannot open checkpoint step %d (%s); trying an older one", s, e)
+  raise UserError(f"no checkpoint of {workdir} can be read (newest {newest}): "
+                  + "; ".join(errors))
+
+
+def run_config(step_dir, workdir=None) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with (its `config` item), else the run's config.json."""
+  item = epath.Path(step_dir) / checkpoint.CONFIG
+  config = None
+  if item.exists():
+    try:
+      config = ocp.JsonCheckpointHandler().restore(item)
+    except (OSError, ValueError) as e:
+      logging.warning("cannot read the config saved with %s (%s); using the run's %s",
+                      step_dir, e, CONFIG_FILE)
+  if not config and workdir is not None and (epath.Path(workdir) / CONFIG_FILE).exists():
+    config = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
+  if not config or "model" not in config:
+    raise UserError(f"no config with a `model` section beside checkpoint {step_dir}")
+  return ml_collections.ConfigDict(config)
+
+
+class CheckpointParams:
+  """The parameters (both halves of the train state) of one checkpoint step, leaf by leaf.
+
+  Reads the Orbax metadata for shapes and dtypes, then each leaf through tensorstore directly
+  (the spec Orbax itself reads with), so nothing is placed on a device and the checkpoint may
+  come from any mesh or number of processes.
+  """
+
+  HALVES = ("params", "frozen")
+
+  def __init__(self, step_dir):
+    self.state_dir = epath.Path(step_dir) / checkpoint.STATE
+    try:
+      meta = ocp.PyTreeCheckpointHandler().metadata(self.state_dir)
+    except (OSError, ValueError, KeyError) as e:
+      raise UserError(f"cannot read the checkpoint metadata in {self.state_dir}: {e}") from None
+    tree = meta.tree
+    self.leaves: dict[tuple[str, ...], Any] = {}
+    for half in self.HALVES:
+      for path, leaf in mapping.flatten_leaves(tree.get(half) or {}).items():
+        if path in self.leaves:
+          raise UserError(f"parameter {'/'.join(path)} is in both halves of {self.state_dir}")
+        self.leaves[path] = leaf
+    if not self.leaves:
+      raise UserError(f"{self.state_dir} holds no parameters (no params/frozen items)")
+    self._use_zarr3 = bool(getattr(meta, "use_zarr3", False))
+    self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.state_dir)
+    # One context for every leaf, so the OCDBT manifest is read once; a small cache, since each
+    # chunk is read exactly once.
+    self._context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 64 << 20},
+                                "file_io_concurrency": {"limit": 64}})
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="export_read")
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {p: tuple(m.shape) for p, m in self.leaves.items()}
+
+  def nbytes(self, path: tuple[str, ...]) -> int:
+    m = self.leaves[path]
+    return int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+
+  def read(self, path: tuple[str, ...], dtype=None) -> np.ndarray:
+    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype)."""
+    return self.start_read(path, dtype)()
+
+  def start_read(self, path: tuple[str, ...], dtype=None):
+    """Starts reading a leaf in a background thread; returns a function that waits for it."""
+    future = self._pool.submit(self._read, path, dtype)
+
+    def wait() -> np.ndarray:
+      try:
+        return future.result()
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore: ValueError/OSError)
+        raise UserError(f"cannot read parameter {'/'.join(path)} from {self.state_dir}: "
+                        f"{e}") from None
+
+    return wait
+
+  def _read(self, path: tuple[str, ...], dtype) -> np.ndarray:
+    """Chunk by chunk (the shards Orbax wrote), each decoded once and cast into the result as it
+    arrives, a few in flight (parallel decompression; the transient memory is those chunks), and a float32 leaf exported as
+    bfloat16 is only ever held in bfloat16."""
+    m = self.leaves[path]
+    info = ocp.type_handlers.ParamInfo(
+        name=m.name, parent_dir=epath.Path(m.directory or self.state_dir),
+        is_ocdbt_checkpoint=self._use_ocdbt, use_zarr3=self._use_zarr3, ts_context=self._context)
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+    src = ts.open(spec, context=self._context, open=True).result()
+    if tuple(src.shape) != tuple(m.shape):
+      raise UserError(f"parameter {'/'.join(path)} in {self.state_dir} has shape "
+                      f"{tuple(src.shape)}, its metadata says {tuple(m.shape)}")
+    out = np.empty(src.shape, np.dtype(dtype) if dtype is not None else src.dtype.numpy_dtype)
+    chunk = [c or n for c, n in zip(src.chunk_layout.read_chunk.shape or src.shape, src.shape)]
+    starts = itertools.product(*[range(0, n, c) for n, c in zip(src.shape, chunk)])
+    in_flight: collections.deque = collections.deque()
+    for start in starts:
+      region = tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, src.shape))
+      in_flight.append((region, src[region].read()))
+      if len(in_flight) >= _CHUNKS_IN_FLIGHT:
+        region, f = in_flight.popleft()
+        out[region] = f.result()
+    while in_flight:
+      region, f = in_flight.popleft()
+      out[region] = f.result()
+    return out
+
+
+class _LeafStream:
+  """The leaves of a checkpoint in a fixed order, one held at a time (in the export's dtype);
+  the next one is read in the background while the current one is converted, when both fit in
+  the largest leaf's bytes (so the overlap never raises the peak memory above that)."""
+
+  def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype):
+    self.ckpt = ckpt
+    self.order = order
+    self.dtype = dtype
+    self.size = {p: int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * dtype.itemsize
+                 for p in order}
+    self.budget = max(self.size.values())
+    self.current: tuple[str, ...] | None = None
+    self.value: np.ndarray | None = None
+    self.pending: dict[tuple[str, ...], Any] = {}
+
+  def get(self, path: tuple[str, ...]) -> np.ndarray:
+    if path != self.current:
+      self.value = None  # drop the previous leaf before holding the next
+      wait = self.pending.pop(path, None) or self.ckpt.start_read(path, self.dtype)
+      self.value, self.current = wait(), path
+      i = self.order.index(path)
+      if i + 1 < len(self.order):
+        nxt = self.order[i + 1]
+        if self.size[path] + self.size[nxt] <= self.budget:
+          self.pending[nxt] = self.ckpt.start_read(nxt, self.dtype)
+    return self.value
+
+  def close(self) -> None:
+    self.value, self.current = None, None
+    self.pending.clear()
+    self.ckpt.close()
+
+
+def check_shapes(ckpt: CheckpointParams, model_config, parts=None) -> bool:
+  """Raises naming every leaf the config does not expect, lacks or sees mis-shaped; returns
+  whether the checkpoint's layers are scanned (stacked)."""
+  have = ckpt.shapes()
+  scanned = mapping.tree_is_scanned(_nest(have))
+  want = mapping.flax_shapes(model_config, scanned)
+  if parts is not None:
+    want = {p: s for p, s in want.items() if p[0] in parts}
+    have = {p: s for p, s in have.items() if p[0] in parts}
+  missing = sorted("/".join(p) for p in set(want) - set(have))
+  unknown = sorted("/".join(p) for p in set(have) - set(want))
+  wrong = sorted(f"{'/'.join(p)} {have[p]} (config: {want[p]})"
+                 for p in set(want) & set(have) if have[p] != want[p])
+  problems = [f"{label}: {', '.join(items)}" for label, items in
+              (("mis-shaped", wrong), ("missing", missing), ("not in the model", unknown)) if items]
+  if problems:
+    raise UserError(f"checkpoint {ckpt.state_dir} does not match its config.model: "
+                    + "; ".join(problems))
+  return scanned
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    mapping.set_leaf(out, path, value)
+  return out
+
+
+# ----------------------------------------------------------------------------- output directory
+
+def _holds_model(out: epath.Path) -> bool:
+  names = {p.name for p in out.iterdir()}
+  return bool(names & {"config.json", io.SINGLE_FILE, io.INDEX_FILE}) or any(
+      io.SHARD_PATTERN.match(n) for n in names)
+
+
+def _check_output(out: epath.Path, overwrite: bool) -> None:
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise UserError(f"--output_dir {out} exists and is not a directory")
+  if overwrite or not any(out.iterdir()):
+    return
+  what = "already holds a model" if _holds_model(out) else "is not empty"
+  raise UserError(f"--output_dir {out} {what}; pass --overwrite to replace it")
+
+
+class _Staging:
+  """A hidden local directory that becomes `out` on commit (rename, or upload for gs://)."""
+
+  def __init__(self, out: epath.Path):
+    self.out = out
+    self.local = _is_local(out)
+    if self.local:
+      out.parent.mkdir(parents=True, exist_ok=True)
+      self.path = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+      self.path.mkdir()
+    else:
+      self.path = epath.Path(tempfile.mkdtemp(prefix="moss_jax_export_"))
+
+  def commit(self) -> None:
+    for f in self.path.iterdir():  # written data must be on disk before the rename shows it
+      _fsync(f)
+    if self.local:
+      old = None
+      if self.out.exists():
+        old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+        self.out.rename(old)
+      self.path.rename(self.out)
+      if old is not None:
+        shutil.rmtree(old)
+      return
+    # Remote (gs://): no atomic rename; upload the weights first and config.json last, so a
+    # directory without config.json is visibly incomplete.
+    if self.out.exists():
+      self.out.rmtree()
+    self.out.mkdir(parents=True, exist_ok=True)
+    names = sorted((p.name for p in self.path.iterdir()), key=lambda n: n == "config.json")
+    for name in names:
+      (self.path / name).copy(self.out / name)
+    shutil.rmtree(self.path)
+
+  def abort(self) -> None:
+    shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _is_local(path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def _absolute(path) -> epath.Path:
+  """Orbax wants absolute paths; gs:// ones already are."""
+  return epath.Path(os.path.abspath(path) if _is_local(path) else path)
+
+
+def _fsync(path: epath.Path) -> None:
+  fd = os.open(os.fspath(path), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_into(out: epath.Path, overwrite: bool, write) -> Any:
+  """Runs `write(staging_dir)` and moves the result to `out`; a failed write leaves `out` as it
+  was and removes the partial files."""
+  _check_output(out, overwrite)
+  staging = _Staging(out)
+  try:
+    result = write(os.fspath(staging.path))
+    staging.commit()
+  except OSError as e:
+    staging.abort()
+    if e.errno in _NO_ROOM:
+      raise UserError(f"no room to write the export ({os.strerror(e.errno)}: {e.filename or ''})"
+                      f"; {out} was left as it was and the partial files were removed") from None
+    raise
+  except BaseException:
+    staging.abort()
+    raise
+  return result
+
+
+# ----------------------------------------------------------------------------- export
+
+def token_ids_and_tokenizer(config, tokenizer: str | None = None
+                            ) -> tuple[dict[str, int], str | None]:
+  """(special ids for the HF config files, tokenizer path to copy) of a run's config.
+
+  The ids come from the run's tokenizer (its special pieces, or the ids set in
+  config.data.tokenizer); without a tokenizer, from config.data.tokenizer or the Qwen3 defaults.
+  """
+  tok_cfg = ml_collections.ConfigDict(config.get("data", {}).get("tokenizer", {}) or {})
+  path = tokenizer or tok_cfg.get("path", "")
+  if path:
+    if not (os.path.exists(path) or not _is_local(epath.Path(path))):
+      hint = "" if tokenizer else " (the run's data.tokenizer.path; pass --tokenizer PATH)"
+      raise UserError(f"tokenizer {path} not found{hint}")
+    tok_cfg.path = path
+    try:
+      tok = tokenizers.load_tokenizer(tok_cfg)
+    except (OSError, ValueError) as e:
+      raise UserError(f"cannot load tokenizer {path}: {e}") from None
+    ids = {n: getattr(tok, n) for n in tokenizers.SPECIAL_NAMES}
+  else:
+    logging.warning("the run names no tokenizer (data.tokenizer.path) and --tokenizer was not "
+                    "given: the export has no tokenizer files")
+    ids = {n: int(tok_cfg[n]) for n in tokenizers.SPECIAL_NAMES
+           if tok_cfg.get(n) is not None and int(tok_cfg[n]) >= 0}
+  token_ids = dict(config_io.DEFAULT_TOKEN_IDS)
+  for ours, theirs in _ID_NAMES:
+    if ours in ids:
+      token_ids[theirs] = int(ids[ours])
+  return token_ids, path or None
+
+
+def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloat16",
+               max_shard_size: int | str = "5GB", tokenizer: str | None = None,
+               llm_only: bool = False, overwrite: bool = False,
+               show_progress: bool | None = None) -> ExportResult:
+  """Writes one checkpoint of a training run as a reference-format (or Qwen3) directory.
+
+  Args:
+    workdir: the run directory (holds checkpoints/ and config.json).
+    output_dir: the directory to create; refused if it holds files, unless `overwrite`.
+    step: the checkpoint step (default: the newest complete one).
+    dtype: tensor dtype of the files (bfloat16 as released, or float32 for exact weights).
+    max_shard_size: above it the weights are split into shards with an index file.
+    tokenizer: tokenizer to copy and take special ids from (default: data.tokenizer.path).
+    llm_only: write only the Qwen3 LLM + lm_head as a Qwen3ForCausalLM directory.
+    overwrite: replace an existing output directory (only once the new one is complete).
+    show_progress: a progress bar in bytes (default: when stderr is a terminal).
+  """
+  if dtype not in DTYPES:
+    raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  try:
+    io.parse_size(max_shard_size)
+  except ValueError as e:
+    raise UserError(f"--max_shard_size: {e}") from None
+  out = _absolute(output_dir)
+  _check_output(out, overwrite)
+  step, config, ckpt = open_checkpoint(workdir, step)
+  model_config = config.model
+  parts = mapping.LLM_PARTS if llm_only else None
+  try:
+    scanned = check_shapes(ckpt, model_config, parts)
+    token_ids, tok_path = token_ids_and_tokenizer(config, tokenizer)
+  except BaseException:
+    ckpt.close()
+    raise
+  entries = mapping.entries(model_config, scanned, parts=parts)
+  groups = io._group_by_leaf(entries)  # pylint: disable=protected-access
+  ordered = [e for group in groups.values() for e in group]  # leaf by leaf (see module doc)
+  name = (lambda e: mapping.rename_for_qwen3(e.hf_key)) if llm_only else (lambda e: e.hf_key)
+  by_name = {name(e): e for e in ordered}
+  total = sum(int(np.prod(e.hf_shape)) for e in ordered) * np_dtype.itemsize
+  leaves = _LeafStream(ckpt, list(groups), np_dtype)
+
+  def produce(hf_name: str) -> np.ndarray:
+    e = by_name[hf_name]
+    leaf = leaves.get(e.flax_path)
+    x = leaf[e.stack_index] if e.stack_index is not None else leaf
+    return to_hf_layout(x, e.transform, np_dtype)
+
+  def write(path: str) -> list[str]:
+    try:
+      with progress.Progress(total, f"exporting step {step}", unit="B",
+                             enabled=show_progress) as bar:
+        files = io.write_weights(path, [(name(e), e.hf_shape) for e in ordered], produce,
+                                 np_dtype, max_shard_size, on_written=bar.update)
+    finally:
+      leaves.close()
+    if llm_only:
+      _write_qwen3_configs(path, model_config, np_dtype, token_ids, tok_path)
+    else:
+      io.write_model_configs(path, model_config, np_dtype, token_ids,
+                             bool(config.get("data", {}).get("time_markers", True)),
+                             tokenizer=tok_path)
+    with open(os.path.join(path, RUN_CONFIG_IN_EXPORT), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return files
+
+  t0 = time.perf_counter()
+  files = _write_into(out, overwrite, write)
+  return ExportResult(step, os.fspath(out), files, total, time.perf_counter() - t0)
+
+
+def to_hf_layout(x: np.ndarray, transform: str, dtype: np.dtype) -> np.ndarray:
+  """One tensor in torch layout and `dtype`, C-contiguous, ready to write.
+
+  Casts first (a contiguous pass that halves the bytes for bfloat16), then transposes kernels in
+  row blocks: numpy's plain transposed copy of a large matrix misses the cache on every element
+  and was the slowest step of an export.
+  """
+  y = np.asarray(x).astype(dtype, copy=False)
+  if transform != mapping.LINEAR or y.ndim != 2:
+    return np.ascontiguousarray(mapping.to_hf(transform, y))
+  native = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(y.dtype.itemsize)
+  src = y.view(native) if native is not None else y  # integer copies: no dtype-specific loop
+  out = np.empty(src.shape[::-1], src.dtype)
+  block = 256
+  for i in range(0, src.shape[0], block):
+    out[:, i:i + block] = src[i:i + block].T
+  return out.view(y.dtype)
+
+
+def _write_qwen3_configs(path, model_config, np_dtype, token_ids, tokenizer) -> None:
+  """config.json / generation_config.json of a plain Qwen3ForCausalLM, plus the tokenizer."""
+  hf = config_io.hf_config_from_model(model_config, np_dtype.name, token_ids)
+  qwen = dict(hf["language_config"], transformers_version=config_io.TRANSFORMERS_VERSION)
+  config_io.write_json(os.path.join(path, "config.json"), qwen)
+  config_io.write_json(os.path.join(path, "generation_config.json"),
+                       config_io.generation_config(token_ids))
+  if tokenizer:
+    io.copy_tokenizer(tokenizer, path)
+
+
+# ----------------------------------------------------------------------------- import
+
+def import_hf(hf_dir, run_dir, config: ml_collections.ConfigDict | None = None,
+              overwrite: bool = False) -> int:
+  """Writes a run directory (checkpoint at step 0 + config.json) from a reference-format dir.
+
+  `config` is the base training config (default configs/pretrain.py:4b); its `model` section is
+  replaced by the directory's shapes (keeping scan_layers, remat and dtypes), and its tokenizer
+  by the directory's own tokenizer files and special ids. The checkpoint holds the parameters
+  only (no optimizer state): start training from it with
+  --config.train.init_from_checkpoint=RUN/checkpoints. Returns the step written (0).
+  """
+  hf_dir = os.fspath(hf_dir)
+  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    raise UserError(f"--from_hf {hf_dir}: no config.json (not a reference-format directory)")
+  if config is None:
+    config = pretrain.get_config("4b")
+  config = ml_collections.ConfigDict(config.to_dict())
+  ours = config.model
+  overrides = {"dtype": ours.dtype, "param_dtype": ours.param_dtype,
+               "scan_layers": ours.scan_layers, "remat_policy": ours.remat_policy}
+  try:
+    model, params = hf.load_pretrained(hf_dir, dtype=ours.param_dtype, config_overrides=overrides)
+  except (ValueError, FileNotFoundError) as e:  # CheckpointMismatchError is a ValueError
+    raise UserError(f"--from_hf {hf_dir}: {e}") from None
+  config.model = model.config
+  ids = config_io.read_token_ids(hf_dir)
+  tok = config.data.tokenizer
+  for ours_name, theirs in _ID_NAMES:
+    tok[ours_name] = int(ids[theirs])
+  proc_path = os.path.join(hf_dir, "processor_config.json")
+  if os.path.exists(proc_path):
+    config.data.time_markers = bool(config_io.read_json(proc_path).get("enable_time_marker", True))
+  run = _absolute(run_dir)
+
+  def write(path: str) -> int:
+    tok_names = [n for n in io.TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if tok_names:
+      tok_dir = os.path.join(path, "tokenizer")
+      os.makedirs(tok_dir)
+      io.copy_tokenizer(hf_dir, tok_dir)
+      tok.kind = "hf" if "tokenizer.json" in tok_names else "sentencepiece"
+      tok.path = os.path.join(os.fspath(run), "tokenizer") + (
+          "" if tok.kind == "hf" else "/tokenizer.model")
+    elif tok.get("path"):
+      logging.warning("%s has no tokenizer files; the run keeps data.tokenizer.path=%s",
+                      hf_dir, tok.path)
+    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    trainable, frozen = optim.partition(params, optim.trainable_mask(params, "full"))
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "frozen": frozen}
+    ckpt = checkpoint.Checkpointer(os.path.join(path, CHECKPOINTS), every=0, keep=0,
+                                   async_save=False)
+    try:
+      ckpt.save(0, state, {}, config.to_dict(), force=True)
+    finally:
+      ckpt.close()
+    return 0
+
+  return _write_into(run, overwrite, write)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def define_flags() -> dict[str, Any]:
+  """The command's flags; defined only when run as a program, since `train` imports this
+  module (train.export_at_end) and defines a --config of its own."""
+  return dict(
+      workdir=flags.DEFINE_string("workdir", None, "Training run to export (holds checkpoints/)."),
+      step=flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest complete)."),
+      output_dir=flags.DEFINE_string("output_dir", None, "Directory to write (must hold no files)."),
+      dtype=flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Tensor dtype of the export."),
+      max_shard_size=flags.DEFINE_string("max_shard_size", "5GB",
+                                         "Split the weights above this size (5GB, 4GiB)."),
+      tokenizer=flags.DEFINE_string("tokenizer", None, "Tokenizer to ship (default: the run's)."),
+      llm_only=flags.DEFINE_bool("llm_only", False, "Export the Qwen3 LLM as Qwen3ForCausalLM."),
+      overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing output directory."),
+      from_hf=flags.DEFINE_string("from_hf", None,
+                                  "Reference-format directory to turn into a run directory."),
+      config=config_flags.DEFINE_config_file(
+          "config", None, "With --from_hf: the run's base training config (default "
+          "configs/pretrain.py:4b).", lock_config=False))
+
+
+_FLAGS: dict[str, Any] = {}
+
+
+def main(argv: Sequence[str]) -> int:
+  del argv
+  f = {name: holder.value for name, holder in _FLAGS.items()}
+  cli.require("output_dir")
+  if bool(f["from_hf"]) == bool(f["workdir"]):
+    raise UserError("give exactly one of --workdir (export a run) and --from_hf (import a model)")
+  if f["from_hf"]:
+    import_hf(f["from_hf"], f["output_dir"], f["config"], overwrite=f["overwrite"])
+    print(f"wrote run {f['output_dir']} from {f['from_hf']}; train from it with "
+          f"--config.train.init_from_checkpoint={f['output_dir']}/{CHECKPOINTS}")
+    return 0
+  r = export_run(f["workdir"], f["output_dir"], f["step"], f["dtype"], f["max_shard_size"],
+                 f["tokenizer"], f["llm_only"], f["overwrite"])
+  print(f"exported step {r.step} of {f['workdir']} to {r.output_dir}: {len(r.files)} weight "
+        f"file(s), {r.tensor_bytes / 1e6:.1f} MB in {r.seconds:.1f} s "
+        f"({r.tensor_bytes / 1e6 / max(r.seconds, 1e-9):.0f} MB/s)")
+  return 0
+
+
+if __name__ == "__main__":
+  _FLAGS.update(define_flags())
+  cli.run(main)
