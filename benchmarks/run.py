@@ -3,8 +3,9 @@
     python -m benchmarks.run [--quick] [--only train_step_vs_torch,export] [--timeout 3600]
 
 Convention (what makes a module a benchmark): a module `benchmarks/NAME.py` (not starting with
-`_`, not `run`/`common`) that defines a top-level `main(argv)` and accepts `--quick` (a short
-smoke-sized run). It is run as `python -m benchmarks.NAME [--quick]` in its own process (each
+`_`, not `run`/`common`) that defines a top-level `main(argv)`, and should accept `--quick` (a
+short smoke-sized run; a module whose source never mentions "--quick" runs in full, and its
+lines say `"quick": false`). It is run as `python -m benchmarks.NAME [--quick]` in its own process (each
 sets its own XLA flags and device count) and prints JSON on stdout: ideally one line per figure
 made with `benchmarks.common.figure` (value beside the comparison measured in the same run).
 Other JSON objects it prints (even indented ones) are passed on as one compact line each, tagged
@@ -28,17 +29,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NOT_BENCHMARKS = ("run", "common")
 
 
-def discover() -> list[str]:
-  """Module names in benchmarks/ that define a top-level main(), sorted."""
-  names = []
+def discover() -> dict[str, bool]:
+  """{module name: whether it accepts --quick} for modules in benchmarks/ with a top-level main()."""
+  names = {}
   for fname in sorted(os.listdir(HERE)):
     name, ext = os.path.splitext(fname)
     if ext != ".py" or name.startswith("_") or name in NOT_BENCHMARKS:
       continue
     with open(os.path.join(HERE, fname), encoding="utf-8") as f:
-      tree = ast.parse(f.read(), fname)
+      source = f.read()
+    tree = ast.parse(source, fname)
     if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
-      names.append(name)
+      names[name] = '"--quick"' in source
   return names
 
 
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
   parser.add_argument("--only", default="", help="comma-separated module names")
   parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
   args = parser.parse_args(argv)
-  names = discover()
+  benchmarks = discover()
+  names = list(benchmarks)
   if args.only:
     wanted = args.only.split(",")
     unknown = sorted(set(wanted) - set(names))
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
     names = [n for n in names if n in wanted]
   ok = True
   for name in names:
-    records, good = run_one(name, args.quick, args.timeout)
+    records, good = run_one(name, args.quick and benchmarks[name], args.timeout)
     ok &= good
     for rec in records:
       common.emit(rec)
