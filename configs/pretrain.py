@@ -26,6 +26,9 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   c.train_weights = ""  # comma-separated mixture weights ("" = proportional to size)
   c.eval_manifest = ""
   c.feature_mode = "waveform"  # waveform: mel on the accelerator | mel: NumPy mel on the host
+  # How waveforms travel to the devices: float32 (exact for any audio) | int16 (half the bytes;
+  # exact for 16-bit PCM 16 kHz sources, others rounded to 16 bits; moss_jax/train_step.py)
+  c.waveform_transfer = "float32"
   c.time_markers = True
   c.max_audio_seconds = 600.0
   c.seed = 0
@@ -90,6 +93,13 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.final_train_asr_samples = 16 if preset == "demo" else 0  # greedy ASR on training clips at the end
   c.generate_max_tokens = 48 if preset == "demo" else 256
   c.export_at_end = False  # write the final step to WORKDIR/hf (reference format, bfloat16)
+  # Operations (moss_jax/diagnostics.py, moss_jax/train_step.py):
+  c.compilation_cache_dir = ""  # "" = WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR); off
+  c.profile_start = 10  # first step of the jax.profiler trace (after compilation)
+  c.profile_steps = 0  # steps to trace into WORKDIR/tensorboard (TensorBoard's profile tab); 0 = off
+  c.watchdog_factor = 10.0  # log every thread's stack when a step takes this x the median; 0 = off
+  c.watchdog_min_seconds = 60.0  # ... and at least this long
+  c.prefetch_to_device = 2  # batches placed on the devices ahead of the step; 0 = place in the loop
   return c
 
 

@@ -28,6 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from moss_jax import optim
+from moss_jax import paths
 
 STATE, DATA, CONFIG = "state", "data", "config"
 _COMMIT_FILE = "commit_success.txt"
@@ -130,8 +131,9 @@ class Restored:
 class Checkpointer:
   """Saves every `every` steps (asynchronously), keeps the last `keep`, restores the latest."""
 
-  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, every: int, keep: int = 3,
+               async_save: bool = True):
+    self.directory = paths.run_path(directory)  # local or gs://
     self.every = int(every)
     quarantine_incomplete(self.directory)
     options = ocp.CheckpointManagerOptions(
@@ -200,13 +202,13 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   For moving between stages (stage 1 -> stage 2): the saved split may differ from the new one,
   so both halves are read without the optimizer state and placed as `abstract_params` says.
   """
-  directory = os.path.abspath(directory)
+  directory = paths.run_path(directory)  # local or gs://
   steps = complete_steps(directory)
   if step is None:
     if not steps:
       raise FileNotFoundError(f"no complete checkpoint under {directory}")
     step = steps[-1]
-  path = epath.Path(directory) / str(step) / STATE
+  path = directory / str(step) / STATE
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     meta = ckptr.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree

@@ -13,6 +13,7 @@ from absl import logging
 
 from moss_jax import batch as batch_lib
 from moss_jax import optim
+from moss_jax import paths
 from moss_jax import sharding
 from moss_jax.errors import UserError
 from moss_jax.model import attention
@@ -178,7 +179,8 @@ def _check_optim_train(optim_cfg, train, problems: list[str]) -> None:
                     "train.init_llm_from / train.init_encoder_from")
   for name in ("init_from", "init_llm_from", "init_encoder_from", "init_from_checkpoint"):
     path = train[name]
-    if path and not os.path.exists(path):
+    # Run checkpoints may live in a bucket (gs://); epath answers for both kinds of path.
+    if path and not paths.run_path(path).exists():
       problems.append(f"train.{name} not found: {path}")
 
 

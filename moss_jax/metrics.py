@@ -3,14 +3,14 @@
 Every step returns sums (loss sums, token counts per task, ...) rather than means, so a log
 interval's loss is the true token-weighted mean over all its steps. Only process 0 writes:
 a console progress line, TensorBoard event files (tensorboardX) and `metrics.jsonl` in the
-workdir, one JSON object per log point.
+workdir, one JSON object per log point. The workdir may be a bucket (gs://): both files are
+written through moss_jax.paths.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping, Sequence
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from moss_jax import batch as batch_lib
+from moss_jax import paths
 
 # Per-step metrics summed over a log interval; everything else keeps its latest value, except
 # grad_norm which is averaged over the steps that produced a finite one.
@@ -134,12 +135,12 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._jsonl = paths.AppendFile(paths.run_path(workdir) / "metrics.jsonl")
     if tensorboard:
       # Imported here: only process 0 writes event files, and tensorboardX loads protobuf.
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      paths.register_tensorboard_schemes()
+      self._tb = SummaryWriter(logdir=paths.join(workdir, "tensorboard"))
 
   def console(self, line: str) -> None:
     if self.enabled:

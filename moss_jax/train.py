@@ -11,7 +11,6 @@ host; see moss_jax/distributed.py for how the processes find each other.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -21,8 +20,8 @@ from ml_collections import config_flags
 
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
-from moss_jax import checkpoint, cli, config_validation, distributed, evaluate, export, flops, hf
-from moss_jax import metrics, progress, sharding
+from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
+from moss_jax import flops, hf, metrics, paths, progress, sharding
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -34,6 +33,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: join the other processes when flags or a detected cluster (TPU VM, GKE, SLURM, MPI) "
+    "say there are several; on: always join; off: run as a single process.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process at start-up.")
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -43,12 +48,11 @@ class TrainingDiverged(UserError, RuntimeError):
 # ----------------------------------------------------------------------------- set-up
 
 def write_config(config, workdir: str) -> None:
-  """The resolved config (after overrides) as JSON and as its readable repr."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.txt"), "w", encoding="utf-8") as f:
-    f.write(str(config))
+  """The resolved config (after overrides) as JSON and as its readable repr (workdir may be gs://)."""
+  root = paths.run_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  (root / "config.txt").write_text(str(config))
 
 
 def check_tokenizer(config) -> None:
@@ -110,22 +114,32 @@ class Run:
 
   def __init__(self, config, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.run_path(workdir)  # absolute when local; gs://... kept as it is
     self.is_main = jax.process_index() == 0
     config_validation.validate(config, jax.device_count(), jax.process_count())
     check_tokenizer(config)
     if self.is_main:
       write_config(config, self.workdir)
+    train = config.train
+    self.cache_dir = diagnostics.setup_compilation_cache(train.get("compilation_cache_dir", ""),
+                                                         self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
     self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
                         f"{jax.process_count()} process(es); stage {config.train.stage}")
     self.program = ts.build_program(config, self.mesh)
-    self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
+    # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
+    # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
+    self.loader = ts.DevicePrefetch(ShardedLoader(config, jax.process_index(), jax.process_count()),
+                                    self.program.global_batch, train.get("prefetch_to_device", 2))
     self.checkpointer = checkpoint.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
+        self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     self.stop = distributed.StopSignal()
+    self.profiler = diagnostics.StepProfiler(self.workdir, train.get("profile_start", 10),
+                                             train.get("profile_steps", 0))
+    self.watchdog = diagnostics.Watchdog(train.get("watchdog_factor", 10.0),
+                                         train.get("watchdog_min_seconds", 60.0))
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.peak_flops_per_device)
     self.state = None
@@ -218,9 +232,11 @@ class Run:
     last_summary: dict[str, float] = {}
     preempted = False
     while step < cfg.steps:
-      batch = self.program.global_batch(next(self.loader))
+      batch = next(self.loader)  # already on the devices (DevicePrefetch)
+      self.profiler.before_step(step + 1)
       self.state, m = self.program.step(self.state, batch)
       step += 1
+      self.profiler.after_step(step, m)
       acc.add(m)
       if step == start_step + 1 and start_step == 0:
         self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
@@ -233,8 +249,10 @@ class Run:
       self.save(step)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         t_eval = time.perf_counter()
-        self.evaluate(step)
+        with self.watchdog.paused():
+          self.evaluate(step)
         acc.exclude(time.perf_counter() - t_eval)
+      self.watchdog.beat(step)
       if self.stop.should_stop(step):
         preempted = True
         break
@@ -252,7 +270,7 @@ class Run:
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
       if cfg.get("export_at_end", False) and self.is_main:
-        r = export.export_run(self.workdir, os.path.join(self.workdir, "hf"), step=step,
+        r = export.export_run(str(self.workdir), str(self.workdir / "hf"), step=step,
                               overwrite=True)
         self.writer.console(f"exported step {step} to {r.output_dir}")
     return result
@@ -266,14 +284,13 @@ class Run:
         f"{self.checkpointer.directory}.")
 
   def _first_loss_from_log(self) -> float | None:
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = self.workdir / "metrics.jsonl"
+    if not path.exists():
       return None
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get("split") == "train_first":
-          return float(rec["loss"])
+    for line in path.read_text().splitlines():
+      rec = json.loads(line)
+      if rec.get("split") == "train_first":
+        return float(rec["loss"])
     return None
 
   def _final_report(self, result: dict[str, Any]) -> None:
@@ -295,11 +312,13 @@ class Run:
     for line in lines:
       self.writer.console(line)
     if self.is_main:
-      with open(os.path.join(self.workdir, "result.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in result.items() if k != "eval"} | {
-            "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, f, indent=2)
+      (self.workdir / "result.json").write_text(json.dumps(
+          {k: v for k, v in result.items() if k != "eval"} | {
+              "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, indent=2))
 
   def close(self) -> None:
+    self.profiler.close()
+    self.watchdog.close()
     self.checkpointer.close()
     self.loader.close()
     self.writer.close()
@@ -318,7 +337,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 def main(argv) -> None:
   del argv  # cli.run rejects stray arguments
   cli.require("config", "workdir")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import queue
+import threading
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moss_jax import batch as batch_lib
@@ -262,7 +265,7 @@ def make_forward(model, model_config, hidden: bool = False
   [B, L, H] before lm_head); the mel is made on device when needed."""
 
   def forward(params, batch):
-    mel = model_audio_mel(batch, model_config)
+    mel = model_audio_mel(decode_transfer(batch), model_config)
     return model.apply({"params": params}, batch["input_ids"], batch["positions"],
                        batch["segment_ids"], mel, batch["audio_chunk_frames"],
                        batch["audio_token_index"], method="hidden_states" if hidden else None)
@@ -462,6 +465,126 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str,
           for name, x in batch.items()}
 
 
+class DevicePrefetch:
+  """Places the next `size` batches on the devices while the current step runs.
+
+  A background thread pulls host batches from `loader` and calls `place` (Program.global_batch:
+  the int16 encoding and the host -> device transfer), so neither sits between two steps. The
+  loader runs ahead, so its checkpointable state is recorded with every batch: `get_state()` and
+  `bad_record_counts()` describe the batches handed out so far, not the ones in flight, and a
+  resumed run sees exactly the batches an uninterrupted one would. `set_state` must come before
+  the first `next()` (the thread starts there). Errors of the loader surface from `next()`.
+  `size=0` places each batch in the caller's thread instead (no overlap; the old behaviour).
+  """
+
+  _END = object()
+
+  def __init__(self, loader, place: Callable[[Mapping[str, np.ndarray]], Any], size: int = 2):
+    self.loader, self.place, self.size = loader, place, max(0, int(size))
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.size))
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._state = None
+    self._counts = None
+
+  def _fill(self) -> None:
+    try:
+      while not self._stop.is_set():
+        host = next(self.loader)
+        state = self.loader.get_state()
+        counts = self.loader.bad_record_counts() if hasattr(self.loader, "bad_record_counts") else {}
+        item = (self.place(host), state, counts)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
+      self._queue.put((self._END, e, None))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.size == 0:
+      return self.place(next(self.loader))
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._fill, name="moss_jax_device_prefetch",
+                                      daemon=True)
+      self._thread.start()
+    batch, state, counts = self._queue.get()
+    if batch is self._END:
+      raise state
+    self._state, self._counts = state, counts
+    return batch
+
+  def get_state(self):
+    return self._state if self._state is not None else self.loader.get_state()
+
+  def set_state(self, state) -> None:
+    if self._thread is not None:
+      raise RuntimeError("DevicePrefetch.set_state after iteration started")
+    self.loader.set_state(state)
+
+  def bad_record_counts(self) -> dict[str, int]:
+    return dict(self._counts) if self._counts is not None else self.loader.bad_record_counts()
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      while self._thread.is_alive():
+        try:
+          self._queue.get(timeout=0.1)  # unblock a put
+        except queue.Empty:
+          pass
+        self._thread.join(timeout=0.1)
+    if hasattr(self.loader, "close"):
+      self.loader.close()
+
+
+# ----------------------------------------------------------------------------- transfer form
+
+# data.waveform_transfer: how `audio_waveform` travels from host to device. "int16" ships 16-bit
+# PCM (half the bytes of float32; the waveform is most of a batch's bytes). It is exact when the
+# source audio is 16-bit PCM at 16 kHz (the decoder's float32 samples are then k / 32768, and the
+# device's k * 2**-15 gives them back bit for bit); other sources are rounded to the nearest
+# 1 / 32768 (<= 1.5e-5, i.e. a 16-bit requantisation), which `encode_for_transfer` reports.
+WAVEFORM_TRANSFER = {"float32": np.dtype(np.float32), "int16": np.dtype(np.int16)}
+_PCM_SCALE = 32768.0
+
+
+def transfer_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The batch schema as it travels to the devices (batch_shapes with the transfer dtypes)."""
+  shapes = dict(batch_lib.batch_shapes_from_config(config))
+  form = config.data.get("waveform_transfer", "float32")
+  if form not in WAVEFORM_TRANSFER:
+    raise ValueError(f"data.waveform_transfer must be one of {sorted(WAVEFORM_TRANSFER)}, got {form!r}")
+  if "audio_waveform" in shapes:
+    shapes["audio_waveform"] = (shapes["audio_waveform"][0], WAVEFORM_TRANSFER[form])
+  return shapes
+
+
+def encode_for_transfer(batch: Mapping[str, np.ndarray], form: str
+                        ) -> tuple[dict[str, np.ndarray], float]:
+  """(batch in the transfer form, largest rounding error of the waveform; 0.0 = exact)."""
+  if form == "float32" or "audio_waveform" not in batch:
+    return dict(batch), 0.0
+  wave = np.asarray(batch["audio_waveform"], np.float32)
+  scaled = wave * np.float32(_PCM_SCALE)
+  pcm = np.clip(np.rint(scaled), -32768, 32767).astype(np.int16)
+  error = float(np.max(np.abs(scaled - pcm), initial=0.0)) / _PCM_SCALE
+  return dict(batch, audio_waveform=pcm), error
+
+
+def decode_transfer(batch: Mapping[str, jax.Array]) -> Mapping[str, jax.Array]:
+  """On device: int16 PCM waveforms back to float32 in [-1, 1) (exact: k * 2**-15)."""
+  wave = batch.get("audio_waveform")
+  if wave is None or wave.dtype != jnp.int16:
+    return batch
+  return dict(batch, audio_waveform=wave.astype(jnp.float32) * jnp.float32(1.0 / _PCM_SCALE))
+
+
 def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dict[str, np.ndarray]:
   """A schema-exact random batch (benchmarks, tests, AOT checks): no corpus needed.
 
@@ -525,6 +648,8 @@ class Program:
   abstract_batch: PyTree
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, batch) -> stats
+  waveform_transfer: str = "float32"  # data.waveform_transfer: the host -> device waveform form
+  inexact_batches: int = 0  # batches whose waveform int16 rounded (not 16-bit sources)
 
   def state_from_params(self, params: PyTree) -> dict:
     """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
@@ -539,7 +664,15 @@ class Program:
     return self.state_from_params(params)
 
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    return host_batch_to_global(local_batch, self.batch_sharding)
+    """This process's numpy batch -> global device arrays, in the transfer form."""
+    batch, error = encode_for_transfer(local_batch, self.waveform_transfer)
+    if error > 0:
+      self.inexact_batches += 1
+      if self.inexact_batches == 1:
+        logging.warning("data.waveform_transfer=int16: this batch's audio is not 16-bit PCM at "
+                        "16 kHz, so it was rounded to 16 bits (max error %.2g); float32 keeps "
+                        "such audio exact", error)
+    return host_batch_to_global(batch, self.batch_sharding)
 
   def step(self, state, batch):
     with sharding_lib.use_mesh(self.mesh):
@@ -572,7 +705,7 @@ def build_program(config, mesh) -> Program:
   abs_state = abstract_state(abs_params, optimizer, stage, st_sh)
 
   row_sh = sharding_lib.batch_sharding(mesh)
-  shapes = batch_lib.batch_shapes_from_config(config)
+  shapes = transfer_shapes(config)
   abs_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=row_sh) for k, (s, d) in shapes.items()}
   batch_sh = {k: row_sh for k in shapes}
   k = config.train.grad_accum
@@ -590,4 +723,5 @@ def build_program(config, mesh) -> Program:
     eval_out = jax.eval_shape(eval_fn, abs_params, abs_batch)
     eval_jit = jax.jit(eval_fn, in_shardings=(p_sh, batch_sh), out_shardings=rep(eval_out))
   return Program(config, mesh, model, optimizer, schedule, abs_params, st_sh, abs_state, row_sh,
-                 abs_batch, train_jit, eval_jit)
+                 abs_batch, train_jit, eval_jit,
+                 waveform_transfer=config.data.get("waveform_transfer", "float32"))

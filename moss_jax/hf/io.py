@@ -13,6 +13,7 @@ import collections
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moss_jax import progress
+from moss_jax import paths, progress
 from moss_jax.hf import config_io, mapping
 from moss_jax.hf.safetensors_file import SafetensorsFile, write_file
 from moss_jax.model import MossAudioModel, param_shardings
@@ -231,6 +232,19 @@ def save_pretrained(path: str, model, params: Mapping, dtype=jnp.bfloat16,
     tokenizer: the tokenizer the model was trained with (a tokenizer.json, a directory holding
       one, or a sentencepiece .model); its files are copied (after source_dir's).
   """
+  if paths.is_uri(path):
+    # A bucket (gs://): the files are written locally (safetensors via a temporary file and a
+    # rename), then copied up; the old weight files there are removed first, as locally.
+    target = paths.run_path(path)
+    with tempfile.TemporaryDirectory(prefix="moss_jax_export_") as staging:
+      files = save_pretrained(staging, model, params, dtype, max_shard_size, token_ids,
+                              source_dir, enable_time_marker)
+      if target.exists():
+        for old in target.iterdir():
+          if _is_weight_file(old.name):
+            old.unlink()
+      paths.copy_tree(staging, target)
+    return files
   params = _unwrap(params)
   model_config = model.config
   check_tree(params, model_config)
@@ -283,9 +297,13 @@ def write_weights(path: str, tensors: list[tuple[str, tuple[int, ...]]], produce
   return files
 
 
+def _is_weight_file(name: str) -> bool:
+  return name in (SINGLE_FILE, INDEX_FILE) or bool(SHARD_PATTERN.match(name))
+
+
 def _remove_old_weights(path: str) -> None:
   for name in os.listdir(path):
-    if name in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.match(name):
+    if _is_weight_file(name):
       os.remove(os.path.join(path, name))
 
 
