@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                       help="untimed batches first: worker start-up and filling the prefetch buffers")
   parser.add_argument("--baseline-seconds", type=float, default=3.0,
                       help="minimum timed seconds per baseline")
+  parser.add_argument("--quick", action="store_true", help="5 batches, 1 s baselines (a smoke run)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.batches, args.warmup, args.baseline_seconds = 5, 1, 1.0
   config = load_config(args.config)
   results = [loader_throughput(config, mode, int(w), args.batches, args.warmup)
              for mode in args.modes.split(",") for w in args.workers.split(",")]

@@ -44,7 +44,10 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
   parser.add_argument("--stage", default="full", choices=("full", "adapter", "encoder_frozen"))
   parser.add_argument("--grad_accum", type=int, default=1)
+  parser.add_argument("--quick", action="store_true", help="1 timed step (a smoke run)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.steps = 1
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

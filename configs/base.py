@@ -18,6 +18,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   if size == "demo":
     c = model_config_lib.sized("tiny")
     c.audio.downsample_hidden_size = 16  # the conv stem dominates a CPU step; the demo must be quick
+    # All 4 layers unrolled: the scans' stacked residual buffers (zero-fill + copy) cost 9% of a
+    # CPU step; compile time unchanged (measured on the 2-core CPU).
+    c.scan_unroll = 4
     return c
   return model_config_lib.sized(size)
 

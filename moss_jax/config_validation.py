@@ -21,6 +21,8 @@ from moss_jax.model import attention, lora
 from moss_jax.model.layers import REMAT_POLICY_NAMES
 from moss_jax.model_config import DTYPES, num_mergers
 
+CONV_STEM_IMPLS = ("auto", "conv", "patches")  # moss_jax/model/encoder.py:STEM_IMPLS
+
 
 class ConfigError(UserError, ValueError):
   """A config that cannot run; the message lists every problem."""
@@ -47,6 +49,12 @@ def _check_model(model, tensor: int, problems: list[str]) -> None:
   if model.remat_policy not in REMAT_POLICY_NAMES:
     problems.append(f"model.remat_policy={model.remat_policy!r}: choose one of "
                     f"{REMAT_POLICY_NAMES}")
+  unroll = model.get("scan_unroll", 1)
+  if not isinstance(unroll, int) or unroll < 1:
+    problems.append(f"model.scan_unroll={unroll!r}: a positive number of layers per scan step")
+  if model.audio.get("conv_stem_impl", "auto") not in CONV_STEM_IMPLS:
+    problems.append(f"model.audio.conv_stem_impl={model.audio.conv_stem_impl!r}: choose one of "
+                    f"{CONV_STEM_IMPLS}")
   impl = model.get("attention", "auto")
   if impl not in attention.IMPLEMENTATIONS:
     problems.append(f"model.attention={impl!r}: choose one of {attention.IMPLEMENTATIONS}")

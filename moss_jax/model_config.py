@@ -10,8 +10,9 @@ Fields:
             downsampling are architecture constants in moss_jax/batch.py, not config fields
   text.*    the Qwen3 language model (spec 4)
   adapter_hidden_size, deepstack_num_inject_layers   adapter and DeepStack mergers (spec 3)
-  dtype, param_dtype, scan_layers, remat_policy, attention, attention_block_size,
-  loss_vocab_block, loss_chunk_size   how it runs (not part of the checkpoint)
+  dtype, param_dtype, scan_layers, scan_unroll, remat_policy, attention, attention_block_size,
+  loss_vocab_block, loss_chunk_size, audio.conv_stem_impl   how it runs (not part of the
+            checkpoint)
   lora.*    LoRA adapters on dense layers (rank 0 = off); not part of the reference checkpoint
 """
 
@@ -39,6 +40,9 @@ AUDIO_DEFAULTS = dict(
     num_mel_bins=128,
     layer_norm_eps=1e-5,
     mel_dtype="bfloat16",  # the reference processor rounds the mel to bf16 before the stem
+    # auto | conv | patches: how the conv stem runs (moss_jax/model/encoder.py:stem_impl); auto
+    # picks a patch matmul on CPU from 32 channels, where XLA's strided-conv backward is slow.
+    conv_stem_impl="auto",
 )
 TEXT_DEFAULTS = dict(
     rope_theta=1_000_000.0,
@@ -50,6 +54,9 @@ DEFAULTS = dict(
     dtype="float32",  # activation / compute dtype
     param_dtype="float32",  # master weights
     scan_layers=True,
+    # Layers per scan iteration (1 = a rolled loop; the layer count = fully unrolled, which drops
+    # the scans' stacked residual buffers and their zero-fill + copy: faster on CPU).
+    scan_unroll=1,
     remat_policy="none",  # one of moss_jax/model/layers.py REMAT_POLICY_NAMES
     # LLM attention (moss_jax/model/attention.py): auto | xla | blockwise | cudnn | splash. auto =
     # splash on TPU, cudnn on GPU (bf16), blockwise elsewhere; xla is the reference einsum path.

@@ -186,6 +186,33 @@ def test_remat_policies_match(policy, remat_reference):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), g1, g0)
 
 
+def test_conv_stem_implementations_agree(remat_reference):
+  """The patch-matmul stem (auto on CPU from 32 channels) computes the lax.conv stem: same
+  parameters, same loss and gradients up to float32 summation order; both resolve as documented."""
+  from moss_jax.model import encoder
+  params, batch, _ = remat_reference
+
+  def loss_and_grad(impl):
+    model = M.MossAudioModel(tiny_config(**{"audio.conv_stem_impl": impl}, **REMAT_SMALL))
+    loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, *(batch[k] for k in ARGS))))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  l_conv, g_conv = loss_and_grad("conv")
+  l_patch, g_patch = loss_and_grad("patches")
+  np.testing.assert_allclose(l_patch, l_conv, rtol=1e-5)
+  stem = lambda g: {k: v for k, v in g["audio_encoder"].items() if k.startswith("conv")}
+  assert stem(g_conv) and all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(stem(g_conv)))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4),
+               g_patch, g_conv)
+  cfg = tiny_config().audio
+  assert encoder.stem_impl(cfg) == "patches"  # 32 channels on the CPU backend
+  cfg.downsample_hidden_size = 16
+  assert encoder.stem_impl(cfg) == "conv"
+  cfg.conv_stem_impl = "fft"
+  with pytest.raises(ValueError, match="conv_stem_impl"):
+    encoder.stem_impl(cfg)
+
+
 def test_unknown_remat_policy_is_rejected():
   with pytest.raises(ValueError, match="remat_policy"):
     M.abstract_params(tiny_config(remat_policy="sometimes"))

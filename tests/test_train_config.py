@@ -26,6 +26,8 @@ def test_every_problem_is_reported():
   c.optim.schedule = "exponential"
   c.optim.warmup_steps = 10_000
   c.train.init_from = "/no/such/dir"
+  c.model.scan_unroll = 0
+  c.model.audio.conv_stem_impl = "winograd"
   with pytest.raises(ConfigError) as err:
     validate(c, num_devices=8, process_count=1)
   text = str(err.value)
@@ -33,9 +35,10 @@ def test_every_problem_is_reported():
                    "model.text.num_attention_heads=3 is not divisible by the tensor axis (2)",
                    "data.batch_size (8) must be divisible by train.grad_accum (3)",
                    "optim.schedule='exponential'", "optim.warmup_steps (10000)",
-                   "train.init_from not found: /no/such/dir"):
+                   "train.init_from not found: /no/such/dir", "model.scan_unroll=0",
+                   "model.audio.conv_stem_impl='winograd'"):
     assert expected in text, (expected, text)
-  assert len(err.value.problems) >= 6
+  assert len(err.value.problems) >= 8
 
 
 def test_mesh_and_process_checks():

@@ -155,6 +155,7 @@ class Qwen3Model(nn.Module):
   remat_policy: str = "none"
   attention: str = "auto"  # config.model.attention
   attention_block_size: int = attention_lib.DEFAULT_BLOCK
+  scan_unroll: int = 1  # layers per scan iteration (config.model.scan_unroll)
 
   def setup(self):
     cfg = self.config
@@ -170,6 +171,7 @@ class Qwen3Model(nn.Module):
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                         length=cfg.num_hidden_layers,
+                        unroll=min(self.scan_unroll, cfg.num_hidden_layers),
                         metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = scanned(**kw)
     else:

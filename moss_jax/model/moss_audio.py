@@ -55,8 +55,10 @@ class MossAudioModel(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, pdtype = layers.as_dtype(cfg.dtype), layers.as_dtype(cfg.param_dtype)
+    unroll = cfg.get("scan_unroll", 1)
     self.audio_encoder = AudioEncoder(cfg.audio, dtype=dtype, param_dtype=pdtype,
-                                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+                                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                                      scan_unroll=unroll)
     mlp = dict(hidden_size=cfg.adapter_hidden_size, out_size=cfg.text.hidden_size, dtype=dtype,
                param_dtype=pdtype)
     self.audio_adapter = GatedMLP(**mlp)
@@ -65,7 +67,8 @@ class MossAudioModel(nn.Module):
     self.language_model = Qwen3Model(
         cfg.text, dtype=dtype, param_dtype=pdtype, scan_layers=cfg.scan_layers,
         remat_policy=cfg.remat_policy, attention=cfg.get("attention", "auto"),
-        attention_block_size=cfg.get("attention_block_size", attention.DEFAULT_BLOCK))
+        attention_block_size=cfg.get("attention_block_size", attention.DEFAULT_BLOCK),
+        scan_unroll=unroll)
     self.lm_head = layers.dense(cfg.text.vocab_size, ("embed", "vocab"), use_bias=False,
                                 dtype=dtype, param_dtype=pdtype)
 
