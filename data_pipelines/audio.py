@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from typing import Iterator
 
 import av
@@ -112,8 +113,21 @@ def audio_duration(path: str | os.PathLike, *, record: str | None = None) -> flo
 
 def _check_file(path: str | os.PathLike, record: str | None) -> str:
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise errors.BadRecordError(errors.MISSING_FILE, "no such audio file", record=record, path=path)
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise errors.BadRecordError(errors.MISSING_FILE, "no such audio file", record=record,
+                                path=path) from None
+  except OSError as e:
+    raise errors.BadRecordError(errors.MISSING_FILE, f"cannot read the file: {e.strerror}",
+                                record=record, path=path) from None
+  if not stat.S_ISREG(mode):
+    # Opening a FIFO would block forever and a device could stream without end.
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "not a regular file")
+    raise errors.BadRecordError(errors.UNSUPPORTED_FORMAT, f"the path is {kind}, not an audio "
+                                "file", record=record, path=path)
   if os.path.getsize(path) == 0:
     raise errors.BadRecordError(errors.EMPTY_FILE, "the file is 0 bytes", record=record, path=path)
   return path

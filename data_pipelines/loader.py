@@ -14,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data_pipelines import errors, pipeline
+from moss_jax.errors import UserError
 
 
 class ShardedLoader:
@@ -52,10 +53,17 @@ class ShardedLoader:
     """Restores from the states every process saved (any process count, same shard count)."""
     merged: dict[str, Any] = {}
     for st in process_states:
-      if st.get("num_shards") != self.num_shards:
-        raise ValueError(f"checkpoint data state has {st.get('num_shards')} shards, this run "
-                         f"{self.num_shards}: set train.data_shards to match")
+      # Wrong content is a damaged checkpoint (ValueError: the reader falls back to an older
+      # one); another shard count is the user's config (UserError: stop and say so).
+      if not (isinstance(st.get("num_shards"), int) and isinstance(st.get("shards"), dict)):
+        raise ValueError(f"malformed data iterator state (keys {sorted(st)})")
+      if st["num_shards"] != self.num_shards:
+        raise UserError(f"checkpoint data state has {st['num_shards']} shards, this run "
+                        f"{self.num_shards}: set train.data_shards to match")
       merged.update(st["shards"])
+    missing = [s for s in self.shard_ids if str(s) not in merged]
+    if missing:
+      raise ValueError(f"data iterator state lacks shards {missing}")
     for s, loader in zip(self.shard_ids, self.loaders):
       loader.set_state(merged[str(s)])
 

@@ -187,6 +187,9 @@ def _parse_native(obj: dict, manifest_dir: str, source: str) -> Sample:
     raise _bad(errors.MISSING_FIELD, "task asr_timestamps needs a non-empty 'segments' list",
                source)
   text = _get_str(obj, "text", source, required=task != "asr_timestamps", default="")
+  if task != "asr_timestamps" and not text.strip():
+    # The answer is the whole target: an empty one trains the model to stop at once.
+    raise _bad(errors.BAD_FIELD, "field 'text' is empty: there is no answer to learn", source)
   question = _get_str(obj, "question", source, required=task == "qa")
   level = _get_str(obj, "timestamp_level", source, required=False, default="sentence")
   if level not in TIMESTAMP_LEVELS:
@@ -249,6 +252,9 @@ def _finish_chat(obj: dict, messages: list[Message], audios: tuple[AudioRef, ...
     raise _bad(errors.BAD_FIELD, f"unknown task {task!r}; expected one of {TASKS}", source)
   text = "".join(p for p in [m for m in messages if m.role == "assistant"][-1].content
                  if isinstance(p, str))
+  if not text.strip():
+    raise _bad(errors.BAD_FIELD, "the last assistant turn is empty: there is no answer to learn",
+               source)
   users = [m for m in messages if m.role == "user"]
   question = "".join(p for p in users[-1].content if isinstance(p, str)).strip() if users else None
   return Sample(id=_record_id(obj, source), task=task, audios=audios, text=text,
@@ -393,7 +399,7 @@ class ManifestSource:
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"manifest not found: {path}")
+      raise errors.ManifestNotFound(f"manifest not found: {path}")
     self.path = path
     self._offsets, self._lengths, self._numbers = index_lines(path)
     self._fd = None

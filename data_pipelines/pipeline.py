@@ -50,9 +50,14 @@ STATE_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-  """What the map step yields for a bad record: counted by reason downstream, never batched."""
+  """What the map step yields for a bad record: counted by reason downstream, never batched.
+
+  `source` (manifest:line) identifies the record, so the packer can tell when every record of
+  the manifests has been rejected and no batch can ever be made.
+  """
   reason: str
   message: str
+  source: str = ""
 
 
 def attach_features(encoded: templates.EncodedSample, waveforms: Sequence[np.ndarray],
@@ -101,9 +106,9 @@ class RecordEncoder:
     try:
       sample, waves = self.load(raw)
     except BadRecordError as e:
-      where = e.record or f"{raw.manifest}:{raw.lineno}"
-      _SKIP_WARNINGS.warn(e.reason, "skipping record %s: %s", where, e)
-      return Skipped(e.reason, str(e))
+      where = f"{raw.manifest}:{raw.lineno}"
+      _SKIP_WARNINGS.warn(e.reason, "skipping record %s: %s", e.record or where, e)
+      return Skipped(e.reason, str(e), where)
     encoded = self.encode(sample, waves)
     return {f.name: getattr(encoded, f.name) for f in dataclasses.fields(encoded)}
 
@@ -120,30 +125,65 @@ class PackedBatchIterDataset(grain.IterDataset):
 
   `counts` is the cumulative skip count per reason up to the batch. At the end of a finite stream
   a final (None, counts) carries the counts of trailing bad records.
+
+  `num_records` (the records an endless stream cycles through) turns a stream that can never
+  yield a batch into an error: once every one of them has been rejected in a row, or the
+  rejections in a row pass `NO_PROGRESS_FACTOR` times that many, iteration raises NoUsableRecords
+  instead of reading the same bad records forever.
   """
 
-  def __init__(self, parent: grain.IterDataset, spec: packing.PackSpec):
+  def __init__(self, parent: grain.IterDataset, spec: packing.PackSpec,
+               num_records: int | None = None):
     super().__init__(parent)
     self._spec = spec
+    self._num_records = num_records
 
   def __iter__(self) -> "_PackedBatchIterator":
-    return _PackedBatchIterator(self._parent.__iter__(), self._spec)
+    return _PackedBatchIterator(self._parent.__iter__(), self._spec, self._num_records)
 
   def __str__(self) -> str:
     return f"PackedBatchIterDataset({self._spec})"
 
 
+# A stream whose records are not all bad yields a usable one long before this many rejections in a
+# row: with a single usable record among N shuffled per epoch, the odds of 10 N misses are e^-10.
+NO_PROGRESS_FACTOR = 10
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
   """State = the parent's state before the first sample not yet in an emitted batch + counts."""
 
-  def __init__(self, parent: grain.DatasetIterator, spec: packing.PackSpec):
+  def __init__(self, parent: grain.DatasetIterator, spec: packing.PackSpec,
+               num_records: int | None = None):
     super().__init__(parent)
     self._spec = spec
+    self._num_records = num_records
     self._counts: dict[str, int] = {}
     self._carry = None  # a sample read but not placed (the batch was full)
     self._carry_state = None
     self._reported = {}  # counts already sent downstream
     self._done = False
+    self._reset_streak()
+
+  def _reset_streak(self) -> None:
+    """Rejections since the last usable record: count, distinct records, per reason, an example."""
+    self._streak = 0
+    self._streak_sources: set[str] = set()
+    self._streak_reasons: dict[str, int] = {}
+    self._streak_example = ""
+
+  def _rejected(self, reason: str, source: str, message: str) -> None:
+    _count(self._counts, reason)
+    if self._num_records is None:
+      return
+    self._streak += 1
+    self._streak_sources.add(source)
+    _count(self._streak_reasons, reason)
+    self._streak_example = self._streak_example or f"{source}: {message}"
+    if (len(self._streak_sources) >= self._num_records or
+        self._streak >= NO_PROGRESS_FACTOR * self._num_records + 1000):
+      raise errors.NoUsableRecords(self._streak, len(self._streak_sources), self._num_records,
+                                   self._streak_reasons, self._streak_example)
 
   def _read(self):
     """(item, parent state before it)."""
@@ -166,15 +206,17 @@ class _PackedBatchIterator(grain.DatasetIterator):
           raise
         break
       if isinstance(item, Skipped):
-        _count(self._counts, item.reason)
+        self._rejected(item.reason, item.source, item.message)
         continue
       if isinstance(item, dict):
         item = templates.EncodedSample(**item)
       if not packing.fits_empty_row(item, self._spec):
+        detail = packing.does_not_fit_detail(item, self._spec)
         _SKIP_WARNINGS.warn(errors.DOES_NOT_FIT, "skipping record %s: %s: %s", item.source,
-                            errors.DOES_NOT_FIT, packing.does_not_fit_detail(item, self._spec))
-        _count(self._counts, errors.DOES_NOT_FIT)
+                            errors.DOES_NOT_FIT, detail)
+        self._rejected(errors.DOES_NOT_FIT, item.source, f"{errors.DOES_NOT_FIT}: {detail}")
         continue
+      self._reset_streak()
       if not packer.try_add(item):
         self._carry, self._carry_state = item, state
         break
@@ -279,21 +321,36 @@ def _weights(spec: str | Sequence[float] | None, sources: Sequence[manifest_lib.
 def record_dataset(paths: Sequence[str], *, seed: int, shuffle: bool, repeat: bool,
                    weights: str | Sequence[float] | None = None) -> grain.MapDataset:
   """Raw lines of the manifests: shuffled per epoch, repeated, mixed by weight when training."""
+  return _record_dataset(_sources(paths), seed=seed, shuffle=shuffle, repeat=repeat,
+                         weights=weights)[0]
+
+
+def _sources(paths: Sequence[str]) -> list[manifest_lib.ManifestSource]:
   sources = [manifest_lib.ManifestSource(p) for p in paths]
   empty = [s.path for s in sources if not len(s)]
   if empty:
-    raise ValueError(f"manifests with no records: {empty}")
+    raise errors.ManifestError(f"manifest(s) with no records: {', '.join(empty)}")
+  return sources
+
+
+def _record_dataset(sources: Sequence[manifest_lib.ManifestSource], *, seed: int, shuffle: bool,
+                    repeat: bool, weights: str | Sequence[float] | None = None
+                    ) -> tuple[grain.MapDataset, int]:
+  """(dataset, number of distinct records it draws from)."""
   datasets = []
   for i, src in enumerate(sources):
     ds = grain.MapDataset.source(src)
     if shuffle:
       ds = ds.shuffle(seed=_seed(seed, i))
     datasets.append(ds.repeat() if repeat else ds)
+  total = sum(len(s) for s in sources)
   if len(datasets) == 1:
-    return datasets[0]
+    return datasets[0], total
   if not repeat:
-    return grain.MapDataset.concatenate(datasets)
-  return grain.MapDataset.mix(datasets, _weights(weights, sources))
+    return grain.MapDataset.concatenate(datasets), total
+  w = _weights(weights, sources)
+  return (grain.MapDataset.mix(datasets, w),
+          sum(len(s) for s, wi in zip(sources, w) if wi > 0))
 
 
 def build_loader(paths: Sequence[str], encoder: RecordEncoder, spec: packing.PackSpec, *,
@@ -302,7 +359,8 @@ def build_loader(paths: Sequence[str], encoder: RecordEncoder, spec: packing.Pac
                  process_count: int = 1, num_workers: int = 0,
                  prefetch: int = 2) -> BatchIterator:
   """The whole pipeline for one process (see the module docstring)."""
-  ds = record_dataset(paths, seed=seed, shuffle=shuffle, repeat=repeat, weights=weights)
+  ds, num_records = _record_dataset(_sources(paths), seed=seed, shuffle=shuffle, repeat=repeat,
+                                    weights=weights)
   if process_count > 1:
     ds = ds[process_index::process_count]
   ds = ds.map(encoder)
@@ -312,7 +370,8 @@ def build_loader(paths: Sequence[str], encoder: RecordEncoder, spec: packing.Pac
     _ensure_absl_flags()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=SAMPLE_READAHEAD))
-  it_ds = PackedBatchIterDataset(it_ds, spec)
+  # Only an endless stream can spin; a finite one just ends.
+  it_ds = PackedBatchIterDataset(it_ds, spec, num_records if repeat else None)
   it_ds = ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=max(0, int(prefetch)))
   return BatchIterator(iter(it_ds), spec)
 
@@ -325,8 +384,12 @@ def pack_spec(config, rows: int, tokenizer: tokenizers_lib.Tokenizer) -> packing
 
 def _encoder(config, tokenizer, prompt_only: bool = False) -> RecordEncoder:
   data = config.data
+  # A clip longer than a row's audio chunks hold can never fit: reject it from its header (a
+  # header read) rather than after decoding it and computing its features (an hour-long file).
+  capacity = data.max_audio_chunks * batch_lib.CHUNK_SAMPLES / batch_lib.SAMPLE_RATE
   return RecordEncoder(tokenizer, feature_mode=data.feature_mode, time_markers=data.time_markers,
-                       max_audio_seconds=data.max_audio_seconds, prompt_only=prompt_only)
+                       max_audio_seconds=min(data.max_audio_seconds, capacity),
+                       prompt_only=prompt_only)
 
 
 def rows_per_process(batch_size: int, process_count: int) -> int:
@@ -343,7 +406,8 @@ def make_train_loader(config, process_index: int | None = None,
   tokenizer = tokenizers_lib.load_tokenizer(data.tokenizer)
   paths = manifest_lib.manifest_paths(data.train_manifests)
   if not paths:
-    raise ValueError("config.data.train_manifests is empty")
+    raise errors.ManifestError("config.data.train_manifests is empty: name the training "
+                               "manifest(s), e.g. --config.data.train_manifests=train.jsonl")
   spec = pack_spec(config, rows_per_process(data.batch_size, process_count), tokenizer)
   return build_loader(paths, _encoder(config, tokenizer), spec, seed=data.seed,
                       shuffle=data.shuffle, repeat=True, weights=data.train_weights,
@@ -363,7 +427,7 @@ def make_eval_batches(config, manifest: str | None = None, *, batch_size: int | 
   tokenizer = tokenizers_lib.load_tokenizer(data.tokenizer)
   paths = manifest_lib.manifest_paths(manifest or data.eval_manifest)
   if not paths:
-    raise ValueError("no eval manifest: set config.data.eval_manifest")
+    raise errors.ManifestError("no eval manifest: set config.data.eval_manifest")
   spec = pack_spec(config, rows_per_process(batch_size or data.batch_size, process_count),
                    tokenizer)
   return build_loader(paths, _encoder(config, tokenizer), spec, shuffle=False, repeat=False,

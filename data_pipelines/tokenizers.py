@@ -21,6 +21,7 @@ import sentencepiece as spm
 import tokenizers as hf_tokenizers  # the Hugging Face package, not this module
 from absl import flags
 
+from data_pipelines import errors
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import templates
 from moss_jax import cli
@@ -131,8 +132,14 @@ class SentencePieceTokenizer(Tokenizer):
 
   def _load_model(self) -> None:
     if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"sentencepiece model not found: {self.path}")
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+      raise errors.TokenizerNotFound(f"sentencepiece model not found: {self.path}")
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    except (RuntimeError, OSError) as e:
+      hint = (" (it looks like a Hugging Face tokenizer: set data.tokenizer.kind=hf)"
+              if _looks_like_json(self.path) else "")
+      raise errors.TokenizerError(f"{self.path} is not a sentencepiece model{hint}: "
+                                  f"{str(e).strip().splitlines()[-1]}") from None
 
   def _default_id(self, name: str) -> int:
     piece = SPECIAL_PIECES[name]
@@ -165,8 +172,14 @@ class HFTokenizer(Tokenizer):
     if os.path.isdir(path):
       path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer.json not found: {self.path}")
-    self._tok = hf_tokenizers.Tokenizer.from_file(path)
+      raise errors.TokenizerNotFound(f"tokenizer.json not found: {self.path}")
+    try:
+      self._tok = hf_tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises plain Exception)
+      hint = ("" if _looks_like_json(path) else
+              " (a sentencepiece .model? set data.tokenizer.kind=sentencepiece)")
+      raise errors.TokenizerError(f"{path} is not a Hugging Face tokenizer.json{hint}: "
+                                  f"{str(e).strip().splitlines()[-1]}") from None
 
   def _default_id(self, name: str) -> int:
     tid = self._tok.token_to_id(SPECIAL_PIECES[name])
@@ -182,19 +195,24 @@ class HFTokenizer(Tokenizer):
     return self._tok.decode(ids, skip_special_tokens=True)
 
 
+def _looks_like_json(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(64).lstrip().startswith(b"{")
+
+
 def load_tokenizer(cfg: Any) -> Tokenizer:
   """Builds the tokenizer of config.data.tokenizer (kind: sentencepiece | hf, path, optional ids)."""
   kind = _get(cfg, "kind", "sentencepiece")
   path = _get(cfg, "path", "")
   if not path:
-    raise ValueError("config.data.tokenizer.path is empty: point it at a sentencepiece .model or "
+    raise errors.TokenizerError("config.data.tokenizer.path is empty: point it at a sentencepiece .model or "
                      "a tokenizer.json (or its directory)")
   overrides = {name: _get(cfg, name) for name in SPECIAL_NAMES if _get(cfg, name) is not None}
   if kind in ("sentencepiece", "spm"):
     return SentencePieceTokenizer(path, overrides)
   if kind in ("hf", "huggingface"):
     return HFTokenizer(path, overrides)
-  raise ValueError(f"unknown tokenizer kind {kind!r}; use 'sentencepiece' or 'hf'")
+  raise errors.TokenizerError(f"unknown tokenizer kind {kind!r}; use 'sentencepiece' or 'hf'")
 
 
 def manifest_texts(paths: Sequence[str]) -> Iterator[str]:

@@ -12,6 +12,7 @@ config is taken) and ends with `cli.run(main)`. Then:
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -39,13 +40,49 @@ def setup_logging() -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops records below WARNING that come from library code logging through absl."""
+  """Drops records below WARNING that come from library code logging through absl, and cuts the
+  library's warnings and errors to their first line.
+
+  A library error that matters reaches the command as an exception, which the project reports in
+  its own words (a failed save names the step and the last good checkpoint); the library's own
+  tracebacks (Orbax logs one per background thread, asyncio one per unretrieved task, each with
+  kilobytes of TensorStore spec) would bury that line. `--verbosity` shows them all again.
+  """
+
+  LIBRARIES = ("orbax", "jax", "grain", "flax", "etils", "asyncio", "tensorstore")
+  MAX_CHARS = 300
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.WARNING:
-      return True
     path = record.pathname.replace("\\", "/")
-    return not any(f"/{lib}/" in path for lib in ("orbax", "jax", "grain", "flax", "etils"))
+    if not any(f"/{lib}/" in path for lib in self.LIBRARIES):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    lines = record.getMessage().strip().splitlines() or [""]
+    first = lines[0]
+    if len(first) > self.MAX_CHARS or len(lines) > 1 or record.exc_info:
+      first = first[:self.MAX_CHARS] + " [...]"
+    record.msg, record.args = first, None
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def _quiet_late_unraisable(hook=sys.unraisablehook):
+  """An unraisablehook that drops "Event loop is closed" from TensorStore callbacks.
+
+  When an Orbax save or restore fails, Orbax closes its asyncio loop while TensorStore still has
+  reads or writes in flight; each one that completes later calls back into the closed loop and
+  the RuntimeError is reported as unraisable (a bare traceback; hundreds during a restore
+  fallback). The failure itself has been reported already; these carry nothing.
+  """
+
+  def unraisablehook(unraisable):
+    if (unraisable.exc_type is RuntimeError and
+        str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+
+  return unraisablehook
 
 
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
@@ -53,6 +90,7 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
 
   def wrapped(argv: Sequence[str]) -> int | None:
     setup_logging()
+    sys.unraisablehook = _quiet_late_unraisable()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -64,7 +102,53 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
       print("interrupted", file=sys.stderr, flush=True)
       return 130
 
-  app.run(lambda argv: sys.exit(wrapped(argv) or 0))
+  app.run(lambda argv: sys.exit(wrapped(argv) or 0), flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with every mistake (an unknown flag, an unknown config field, a config
+  file that does not load) reported as one `error:` line and status 2 instead of a traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):
+      flag = flags.FLAGS[name]
+      # ml_collections config flags load their file lazily: load it now, where errors are ours.
+      # (A file that failed to load is kept as an object raising on first use: use it now.)
+      if type(flag).__module__.startswith("ml_collections") and flag.present:
+        hasattr(flag.value, "to_dict")
+    return args
+  except flags.Error as e:
+    _fail(f"{e} (see --help)")
+  except (AttributeError, KeyError) as e:  # an override naming a field the config lacks
+    _fail(_unknown_field_message(e, argv))
+  except (OSError, ImportError, SyntaxError, ValueError, TypeError) as e:  # the config file
+    _fail(f"cannot load the config: {_last_line(e)}")
+  raise AssertionError("unreachable")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
+  chain, cur = [], e
+  while cur is not None and cur not in chain:
+    chain.append(cur)
+    cur = cur.__cause__ or cur.__context__
+  name = re.search(r"[A-Za-z_][A-Za-z0-9_]*", str(e))
+  key = name.group(0) if name else str(e)
+  suggestion = re.search(r'Did you mean "([^"]+)"', " ".join(str(c) for c in chain))
+  detail = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]]
+  named = [a for a in given if a.rsplit(".", 1)[-1] == key]
+  where = f" in {named[0]}" if named else ""
+  return f"unknown config field {key!r}{where}{detail}"
 
 
 def require(*names: str) -> None:

@@ -14,6 +14,7 @@ on a timeout without saying who is missing, this one raises a `StartupError` nam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -214,16 +215,32 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   return True
 
 
+class Stopped(BaseException):
+  """Raised out of a wait that a stop signal interrupted (see StopSignal.interruptible).
+
+  A BaseException like KeyboardInterrupt, so no `except Exception` on the way (a checkpoint
+  restore trying older steps, a data pipeline) mistakes it for a failure of its own.
+  """
+
+
 class StopSignal:
-  """Turns SIGTERM (TPU/cluster preemption) into a flag the training loop polls every step.
+  """Turns SIGTERM (TPU/cluster preemption) into a stop the training loop honours within seconds.
+
+  A signal always sets a flag that the loop polls after every step, so a step in progress ends and
+  its checkpoint is written. Where the process may be waiting without bound (set-up, which has
+  nothing to save yet; the data loader, which may be reading a slow or failing source; evaluation),
+  the code runs inside `interruptible()` and the signal raises `Stopped` there at once. A second
+  signal ends the process immediately (status 128 + signal), whatever it is doing: the
+  checkpoints on disk survive that like a kill -9.
 
   With several processes the flag is OR-ed across them, so all stop at the same step and write
   the same checkpoint together.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM,), interruptible: bool = True):
     self._event = threading.Event()
     self._previous = {}
+    self._interruptible = interruptible
     for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -231,8 +248,31 @@ class StopSignal:
         pass
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("received signal %d: checkpointing and stopping", signum)
+    if self._event.is_set():
+      logging.warning("received signal %d again: exiting now", signum)
+      logging.flush()
+      os._exit(128 + signum)  # pylint: disable=protected-access
     self._event.set()
+    if self._interruptible:
+      logging.warning("received signal %d: stopping", signum)
+      raise Stopped(signum)
+    logging.warning("received signal %d: checkpointing and stopping", signum)
+
+  def set_interruptible(self, value: bool) -> None:
+    """Whether a signal interrupts the code now running (True) or waits for the next poll."""
+    self._interruptible = value
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """A wait a signal may cut short: raises Stopped at once if a stop is (or was) requested."""
+    previous = self._interruptible
+    if self._event.is_set():
+      raise Stopped(signal.SIGTERM)
+    self._interruptible = True
+    try:
+      yield
+    finally:
+      self._interruptible = previous
 
   def should_stop(self, step: int, every: int = 10) -> bool:
     """Whether any process received the signal.

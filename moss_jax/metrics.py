@@ -160,6 +160,33 @@ class MetricWriter:
           self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
       self._tb.flush()
 
+  def truncate_after(self, step: int) -> None:
+    """Drops the JSONL records of steps after `step`: a run resumed there (after a kill) redoes
+    them and writes them again, and a reader should see each step once."""
+    if not self.enabled:
+      return
+    path = self._jsonl.path
+    self._jsonl.flush()
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    kept = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) > step:
+          continue
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut short by the kill
+      kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+      return
+    self._jsonl.close()
+    if paths.is_uri(path):
+      path.write_text("".join(kept))  # an object is replaced whole anyway
+    else:
+      tmp = path.parent / (path.name + ".tmp")  # no half-written file if killed now
+      tmp.write_text("".join(kept))
+      tmp.replace(path)
+    self._jsonl = paths.AppendFile(path)
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()

@@ -10,6 +10,7 @@ host; see moss_jax/distributed.py for how the processes find each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
 from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
-from moss_jax import flops, generate, hf, metrics, paths, progress, sharding
+from moss_jax import flops, generate, hf, metrics, paths, progress, sharding, workdir_lock
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -128,10 +129,24 @@ class Run:
     self.config = config
     self.workdir = paths.run_path(workdir)  # absolute when local; gs://... kept as it is
     self.is_main = jax.process_index() == 0
+    # Until the loop starts there is nothing to save: a stop signal ends set-up at once.
+    self.stop = distributed.StopSignal(interruptible=True)
+    self.lock = self.writer = self.loader = self.checkpointer = None
+    self.profiler = self.watchdog = None
+    try:
+      self._set_up(config)
+    except BaseException:
+      self.close()  # the loader's threads and the lock, whatever set-up got to
+      raise
+    self.state = None
+    self.first_loss = None
+
+  def _set_up(self, config) -> None:
     config_validation.validate(config, jax.device_count(), jax.process_count())
     check_tokenizer(config)
-    if self.is_main:
-      write_config(config, self.workdir)
+    # Taken before anything in the workdir is written: a second run on it refuses here. The
+    # config is written once a resume has checked it against the checkpoint (restore_or_init).
+    self.lock = workdir_lock.WorkdirLock(self.workdir) if self.is_main else None
     train = config.train
     self.cache_dir = diagnostics.setup_compilation_cache(train.get("compilation_cache_dir", ""),
                                                          self.workdir)
@@ -139,39 +154,48 @@ class Run:
     self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_main)
     self.writer.console(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
                         f"{jax.process_count()} process(es); stage {config.train.stage}")
+    self.loader = ShardedLoader(config, jax.process_index(), jax.process_count())
+    # One batch before minutes of compiling: a run whose every record is rejected stops now
+    # with the reason (errors.NoUsableRecords). Then the loader is rewound to where it was.
+    start = self.loader.get_state()
+    next(self.loader)
+    self.loader.set_state([start])
     self.program = ts.build_program(config, self.mesh)
     # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
     # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
-    self.loader = ts.DevicePrefetch(ShardedLoader(config, jax.process_index(), jax.process_count()),
-                                    self.program.global_batch, train.get("prefetch_to_device", 2))
+    self.loader = ts.DevicePrefetch(self.loader, self.program.global_batch,
+                                    train.get("prefetch_to_device", 2))
     self.checkpointer = checkpoint.Checkpointer(
         self.workdir / "checkpoints", every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
-    self.stop = distributed.StopSignal()
     self.profiler = diagnostics.StepProfiler(self.workdir, train.get("profile_start", 10),
                                              train.get("profile_steps", 0))
     self.watchdog = diagnostics.Watchdog(train.get("watchdog_factor", 10.0),
                                          train.get("watchdog_min_seconds", 60.0))
     self.flops_per_step = flops.config_step_flops(config)
     self.peak, self.peak_source = flops.peak_flops(config.train.peak_flops_per_device)
-    self.state = None
-    self.first_loss = None
 
   # -- state
 
   def restore_or_init(self) -> int:
+    """Resumes from the newest readable checkpoint (or initialises), then writes config.json:
+    a resume with a config the checkpoint does not fit stops before the run's own is replaced."""
     with progress.Waiting(f"restoring the newest checkpoint of {self.checkpointer.directory}",
                           enabled=None if checkpoint.complete_steps(self.checkpointer.directory)
                           else False):
-      restored = self.checkpointer.restore(self.program.abstract_state)
+      restored = self.checkpointer.restore(
+          self.program.abstract_state, config=self.config.to_dict(),
+          apply_data_state=lambda data: self.loader.set_state(data["processes"]))
     if restored is not None:
       self.state = restored.state
-      self.loader.set_state(restored.data_state["processes"])
       self.writer.console(f"resumed from step {restored.step} ({self.checkpointer.directory})")
+      self.writer.truncate_after(restored.step)  # rows of the steps about to be redone
     else:
       params = initial_params(self.config, self.program)
       self.state = self.program.state_from_params(params)
       del params
+    if self.is_main:
+      write_config(self.config, self.workdir)
     n_train = count_params(self.state["params"])
     n_all = n_train + count_params(self.state["frozen"])
     self.writer.console(f"parameters: {n_all:,} ({n_train:,} trainable); analytic "
@@ -259,31 +283,50 @@ class Run:
     pending = None  # previous step's metrics: read one step late so the host never waits
     last_summary: dict[str, float] = {}
     preempted = False
-    while step < cfg.steps:
-      batch = next(self.loader)  # already on the devices (DevicePrefetch)
-      self.profiler.before_step(step + 1)
-      self.state, m = self.program.step(self.state, batch)
-      step += 1
-      self.profiler.after_step(step, m)
-      acc.add(m)
-      if step == start_step + 1 and start_step == 0:
-        self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
-        self.writer.write(step, "train_first", {"loss": self.first_loss})
-      if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
-        self._diverged(step - 1, pending)
-      pending = m
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        last_summary = self.log(step, acc) or last_summary
-      self.save(step)
-      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        t_eval = time.perf_counter()
-        with self.watchdog.paused():
-          self.evaluate(step)
-        acc.exclude(time.perf_counter() - t_eval)
-      self.watchdog.beat(step)
-      if self.stop.should_stop(step):
-        preempted = True
-        break
+    # From here a signal normally waits for the end of the step, which is then checkpointed.
+    # Waits without bound are cut short (see StopSignal): for data (the loader's state is that of
+    # the batches handed out, so the checkpoint stays exact) and for evaluation. With several
+    # processes they are not, since all processes must reach the same step to save together.
+    self.stop.set_interruptible(False)
+    cut_short = (self.stop.interruptible if jax.process_count() == 1 else
+                 contextlib.nullcontext)
+    try:
+      while step < cfg.steps:
+        with cut_short():
+          batch = next(self.loader)  # already on the devices (DevicePrefetch)
+        self.profiler.before_step(step + 1)
+        # The first step compiles (minutes on large models) and may be cut short too: the state
+        # before it is the checkpoint just restored (or step 0), so nothing is lost.
+        with (cut_short() if step == start_step else contextlib.nullcontext()):
+          self.state, m = self.program.step(self.state, batch)
+        step += 1
+        self.profiler.after_step(step, m)
+        acc.add(m)
+        if step == start_step + 1 and start_step == 0:
+          self.first_loss = float(m["loss"])  # logged on its own: the reference for the demo drop
+          self.writer.write(step, "train_first", {"loss": self.first_loss})
+        if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
+          self._diverged(step - 1, pending)
+        pending = m
+        if step % cfg.log_every == 0 or step == cfg.steps:
+          last_summary = self.log(step, acc) or last_summary
+        self.checkpointer.check()  # a failed background save stops the run at this step
+        self.save(step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+          t_eval = time.perf_counter()
+          with self.watchdog.paused(), cut_short():
+            self.evaluate(step)
+          acc.exclude(time.perf_counter() - t_eval)
+        self.watchdog.beat(step)
+        if self.stop.should_stop(step):
+          preempted = True
+          break
+    except distributed.Stopped:
+      preempted = True
+    if preempted and step == start_step:
+      self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
+                          "same command to start")
+      return {"step": step, "preempted": True, "last": last_summary, "first_loss": None}
     if pending is not None and int(pending["consecutive_skipped"]) >= max_skips:
       self._diverged(step, pending)
     self.save(step, force=True)
@@ -294,7 +337,14 @@ class Run:
       self.writer.console(f"stopped by signal at step {step}; checkpoint written, rerun the "
                           "same command to resume")
     else:
-      result["eval"] = self.evaluate(step, final=True)
+      self.stop.set_interruptible(True)  # the checkpoint is written: evaluation may be cut short
+      try:
+        result["eval"] = self.evaluate(step, final=True)
+      except distributed.Stopped:
+        self.writer.console(f"stopped by signal during the final evaluation; step {step} is "
+                            "saved")
+        result["preempted"] = True
+        return result
       result["wall_seconds"] = time.perf_counter() - t_start
       self._final_report(result)
       if cfg.get("export_at_end", False) and self.is_main:
@@ -345,17 +395,28 @@ class Run:
               "eval": {k: v for k, v in ev.items() if isinstance(v, (int, float))}}, indent=2))
 
   def close(self) -> None:
-    self.profiler.close()
-    self.watchdog.close()
-    self.checkpointer.close()
-    self.loader.close()
-    self.writer.close()
-    self.stop.restore()
+    """Releases what set-up got to (it may have stopped part way)."""
+    try:
+      for part in (self.profiler, self.watchdog, self.checkpointer):
+        if part is not None:
+          part.close()
+    finally:
+      for part in (self.loader, self.writer):
+        if part is not None:
+          part.close()
+      if self.lock is not None:
+        self.lock.release()
+      self.stop.restore()
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final summary."""
-  run = Run(config, workdir)
+  try:
+    run = Run(config, workdir)
+  except distributed.Stopped:
+    print("stopped by signal during set-up; nothing to save, rerun the same command to start",
+          flush=True)
+    return {"step": 0, "preempted": True, "last": {}, "first_loss": None}
   try:
     return run.train()
   finally:

@@ -1,5 +1,7 @@
 """data_pipelines.audio on the real recordings and on deliberately broken files."""
 
+import os
+
 import numpy as np
 import pytest
 import soundfile
@@ -101,6 +103,16 @@ def test_missing_and_empty_files(tmp_path):
   (tmp_path / "empty.mp3").write_bytes(b"")
   assert _reason(tmp_path / "empty.mp3") == errors.EMPTY_FILE
   assert _reason(_wav(tmp_path / "zero.wav", np.zeros(0))) == errors.EMPTY_FILE
+
+
+def test_directories_fifos_and_devices_are_not_audio_files(tmp_path):
+  (tmp_path / "clips.wav").mkdir()
+  os.mkfifo(tmp_path / "pipe.wav")  # opening it would block forever
+  for path, kind in [(tmp_path / "clips.wav", "a directory"), (tmp_path / "pipe.wav", "a FIFO"),
+                     ("/dev/zero", "a device")]:
+    with pytest.raises(errors.BadRecordError, match=kind) as e:
+      audio.load_audio(path, record="m.jsonl:3")
+    assert e.value.reason == errors.UNSUPPORTED_FORMAT and "m.jsonl:3" in str(e.value)
 
 
 def test_corrupt_and_truncated_files(tmp_path, real_audio_dir):

@@ -53,28 +53,44 @@ def test_round_trip_keeps_state_data_state_and_config(trained, tmp_path):
   _assert_trees_equal(state, restored.state)
 
 
-def test_half_written_checkpoints_are_skipped(trained, tmp_path):
+def test_half_written_and_unreadable_checkpoints(trained, tmp_path):
   prog, state = trained
   root = tmp_path / "ckpt"
   ckpt = checkpoint.Checkpointer(str(root), every=2, async_save=False)
   ckpt.save(2, state, {"at": 2})
   ckpt.close()
-  # A crash mid-save: step 4 exists but was never committed (no commit marker, data missing).
-  shutil.copytree(root / "2", root / "4")
-  os.remove(root / "4" / "commit_success.txt")
-  shutil.rmtree(root / "4" / "state" / "d")
+  # A crash mid-save leaves Orbax's temporary directory, which is not a step.
+  shutil.copytree(root / "2", root / "4.orbax-checkpoint-tmp-1234")
   # A step that looks committed but whose arrays are gone (e.g. a disk that lost files).
   shutil.copytree(root / "2", root / "6")
   shutil.rmtree(root / "6" / "state" / "d")
   assert checkpoint.complete_steps(root) == [2, 6]
 
   ckpt = checkpoint.Checkpointer(str(root), every=2)
-  assert not (root / "4").exists()  # moved aside, so a later save of step 4 cannot collide
-  assert any(p.name.startswith("4.incomplete") for p in root.iterdir())
-  restored = ckpt.restore(prog.abstract_state)  # 6 fails to read: falls back to 2
+  restored = ckpt.restore(prog.abstract_state)  # 6 fails to read: set aside, falls back to 2
   assert restored.step == 2 and restored.data_state == {"processes": [{"at": 2}]}
   _assert_trees_equal(state["params"], restored.state["params"])
+  assert not (root / "6").exists()
+  assert len([p for p in root.iterdir() if p.name.startswith("6.unreadable-")]) == 1
+  assert checkpoint.complete_steps(root) == [2]
+  # The redone step 6 is saved afresh (not skipped as "already saved").
+  assert ckpt.save(6, state, {"at": 6})
   ckpt.close()
+  assert checkpoint.complete_steps(root) == [2, 6]
+
+
+def test_data_state_with_wrong_content_falls_back(trained, tmp_path):
+  prog, state = trained
+  root = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(str(root), every=2, async_save=False)
+  ckpt.save(2, state, {"at": 2})
+  ckpt.save(4, state, {"at": 4})
+  ckpt.close()
+  (root / "4" / "data" / "process_0-of-1.json").write_text("[1, 2]")  # valid JSON, wrong content
+  ckpt = checkpoint.Checkpointer(str(root), every=2)
+  restored = ckpt.restore(prog.abstract_state)
+  ckpt.close()
+  assert restored.step == 2
 
 
 @pytest.mark.slow
@@ -111,3 +127,24 @@ def test_restore_params_across_stages(trained, tmp_path):
   ckpt.close()
   params = checkpoint.restore_params(str(tmp_path / "ckpt"), prog.abstract_params)
   _assert_trees_equal(ts.full_params(state), params)
+
+
+def test_restore_params_falls_back_and_warns_about_nothing(trained, tmp_path, caplog):
+  """generate/export read through the same fallback as training, without Orbax's warnings."""
+  prog, state = trained
+  root = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(str(root), every=2)
+  ckpt.save(2, state, {})
+  ckpt.save(4, jax.tree.map(lambda x: x + 1 if x.dtype == np.float32 else x, state), {})
+  ckpt.close()
+  with caplog.at_level("WARNING"):
+    params = checkpoint.restore_params(str(root), prog.abstract_params)
+  assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
+  assert checkpoint.latest_complete_step(root) == 4
+  shutil.rmtree(root / "4" / "state" / "d")
+  params = checkpoint.restore_params(str(root), prog.abstract_params)
+  _assert_trees_equal(ts.full_params(state), params)  # step 2's
+  assert [p.name.split("-")[0] for p in root.iterdir() if "unreadable" in p.name] == [
+      "4.unreadable"]
+  with pytest.raises(checkpoint.NoCheckpoint):
+    checkpoint.restore_params(str(tmp_path / "nothing"), prog.abstract_params)

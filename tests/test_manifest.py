@@ -94,6 +94,9 @@ def test_conversation_record(tmp_path):
      errors.MISSING_FIELD),
     ({"audio": "a.wav", "task": "sing", "text": "x"}, errors.BAD_FIELD),
     ({"audio": "a.wav", "task": "asr", "text": 3}, errors.BAD_FIELD),
+    ({"audio": "a.wav", "task": "asr", "text": " "}, errors.BAD_FIELD),  # no answer to learn
+    ({"messages": [{"role": "user", "content": "<audio>hi"}, {"role": "assistant", "content": ""}],
+      "audios": ["a.wav"]}, errors.BAD_FIELD),
     ({"audio": "a.wav", "task": "asr", "text": "x", "offset": -1}, errors.BAD_FIELD),
     ({"audio": 5, "task": "asr", "text": "x"}, errors.BAD_FIELD),
     ({"audio": "a.wav", "task": "asr_timestamps", "segments": [

@@ -1,10 +1,12 @@
 """Packing: segments never mix, positions restart, audio indices point at the right chunk slots,
 samples are never cut, and samples too big for a row are counted as does_not_fit."""
 
+import dataclasses
 import json
 
 import grain
 import numpy as np
+import pytest
 
 from data_pipelines import errors, packing, pipeline
 from data_pipelines.templates import EncodedSample
@@ -155,3 +157,24 @@ def test_packer_state_restores_the_carried_sample():
   seen = [first[0]] + rest
   ids = np.concatenate([b["input_ids"][b["segment_ids"] > 0] // 1000 for b in seen])
   assert sorted(set(ids.tolist())) == list(range(1, 10))
+
+
+def _endless(items, num_records, spec):
+  ds = grain.MapDataset.source(items).shuffle(seed=1).repeat().to_iter_dataset()
+  return iter(pipeline.PackedBatchIterDataset(ds, spec, num_records=num_records))
+
+
+def test_an_endless_stream_of_rejected_records_raises_instead_of_spinning():
+  spec = packing.PackSpec(rows=1, max_tokens=20, max_chunks=2)
+  bad = [pipeline.Skipped(errors.MISSING_FILE, "gone", f"m.jsonl:{i}") for i in range(1, 40)]
+  too_long = dataclasses.replace(sample(1, 21), source="m.jsonl:40")
+  with pytest.raises(errors.NoUsableRecords) as e:
+    next(_endless(bad + [too_long], 40, spec))
+  assert "missing_file 39" in str(e.value) and "does_not_fit 1" in str(e.value)
+  assert "data.max_tokens" in str(e.value) and "m.jsonl:" in str(e.value)
+  # One usable record among them is enough to keep going, batch after batch.
+  good = dataclasses.replace(sample(2, 10), source="m.jsonl:41")
+  it = _endless(bad + [too_long, good], 41, spec)
+  for _ in range(20):
+    batch, _ = next(it)
+    assert batch is not None

@@ -11,6 +11,7 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipelines import templates, tokenizers
+from moss_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,3 +137,11 @@ def test_bad_tokenizer_configs(tmp_path):
     tokenizers.load_tokenizer({"kind": "bpe", "path": "x"})
   with pytest.raises(FileNotFoundError):
     tokenizers.load_tokenizer({"kind": "hf", "path": str(tmp_path / "nope")})
+
+
+def test_tokenizer_of_the_other_kind_is_named(spm_model, tmp_path):
+  with pytest.raises(UserError, match="kind=sentencepiece"):
+    tokenizers.load_tokenizer({"kind": "hf", "path": spm_model}).vocab_size
+  hf = _hf_file(tmp_path / "hf") / "tokenizer.json"
+  with pytest.raises(UserError, match="kind=hf"):
+    tokenizers.load_tokenizer({"kind": "sentencepiece", "path": str(hf)}).vocab_size
