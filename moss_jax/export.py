@@ -2,6 +2,7 @@ r"""`python -m moss_jax.export`: a training run <-> the reference (Hugging Face)
 
   python -m moss_jax.export --workdir RUN [--step N] --output_dir OUT [--dtype bfloat16|float32]
       [--max_shard_size 5GB] [--tokenizer PATH] [--llm_only] [--overwrite]
+      [--peft_adapter_dir DIR]
   python -m moss_jax.export --from_hf DIR --output_dir RUN [--config configs/pretrain.py:4b]
 
 The first form writes the latest complete checkpoint of RUN (or step N) as a directory the
@@ -9,6 +10,11 @@ reference PyTorch code, vLLM and SGLang load unchanged: safetensors weights (tra
 halves merged, no optimizer state), config.json, processor_config.json, generation_config.json,
 the run's tokenizer files and the run's resolved config (moss_jax_config.json). `--llm_only`
 writes the Qwen3 LLM alone as a plain Qwen3ForCausalLM directory.
+
+A LoRA run (config.model.lora.rank > 0) is exported merged: each adapted kernel is written as
+kernel + scale * A @ B (float32, one layer slice at a time, lora.merged_kernel's math) before the
+cast to --dtype, with the base model's config (lora.base_model_config), so the directory is a
+plain reference model. `--peft_adapter_dir DIR` also writes the adapters alone in PEFT's format.
 
 The second form turns a reference-format directory into a run directory (an Orbax checkpoint at
 step 0 plus config.json) that `export --workdir` reads and `train` starts from with
@@ -54,6 +60,8 @@ from data_pipelines import tokenizers
 from moss_jax import checkpoint, cli, hf, optim, paths, progress
 from moss_jax.errors import UserError
 from moss_jax.hf import config_io, io, mapping
+from moss_jax.hf import peft as peft_io
+from moss_jax.model import lora
 
 CONFIG_FILE = "config.json"  # a run's resolved config (train.write_config)
 RUN_CONFIG_IN_EXPORT = "moss_jax_config.json"
@@ -228,11 +236,13 @@ class _LeafStream:
   the next one is read in the background while the current one is converted, when both fit in
   the largest leaf's bytes (so the overlap never raises the peak memory above that)."""
 
-  def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype):
+  def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype,
+               float32_paths=frozenset()):
     self.ckpt = ckpt
     self.order = order
-    self.dtype = dtype
-    self.size = {p: int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * dtype.itemsize
+    # LoRA-adapted kernels are read in float32: the adapter is added before the cast.
+    self.dtypes = {p: np.dtype(np.float32) if p in float32_paths else dtype for p in order}
+    self.size = {p: int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * self.dtypes[p].itemsize
                  for p in order}
     self.budget = max(self.size.values())
     self.current: tuple[str, ...] | None = None
@@ -242,13 +252,13 @@ class _LeafStream:
   def get(self, path: tuple[str, ...]) -> np.ndarray:
     if path != self.current:
       self.value = None  # drop the previous leaf before holding the next
-      wait = self.pending.pop(path, None) or self.ckpt.start_read(path, self.dtype)
+      wait = self.pending.pop(path, None) or self.ckpt.start_read(path, self.dtypes[path])
       self.value, self.current = wait(), path
       i = self.order.index(path)
       if i + 1 < len(self.order):
         nxt = self.order[i + 1]
         if self.size[path] + self.size[nxt] <= self.budget:
-          self.pending[nxt] = self.ckpt.start_read(nxt, self.dtype)
+          self.pending[nxt] = self.ckpt.start_read(nxt, self.dtypes[nxt])
     return self.value
 
   def close(self) -> None:
@@ -259,8 +269,9 @@ class _LeafStream:
 
 def check_shapes(ckpt: CheckpointParams, model_config, parts=None) -> bool:
   """Raises naming every leaf the config does not expect, lacks or sees mis-shaped; returns
-  whether the checkpoint's layers are scanned (stacked)."""
-  have = ckpt.shapes()
+  whether the checkpoint's layers are scanned (stacked). LoRA adapter leaves are left out
+  (`adapted_modules` checks them): `model_config` is the base model's."""
+  have = {p: s for p, s in ckpt.shapes().items() if p[-1] not in lora.LORA_LEAVES}
   scanned = mapping.tree_is_scanned(_nest(have))
   want = mapping.flax_shapes(model_config, scanned)
   if parts is not None:
@@ -276,6 +287,39 @@ def check_shapes(ckpt: CheckpointParams, model_config, parts=None) -> bool:
     raise UserError(f"checkpoint {ckpt.state_dir} does not match its config.model: "
                     + "; ".join(problems))
   return scanned
+
+
+def adapted_modules(ckpt: CheckpointParams, config_model, parts=None
+                    ) -> dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]]:
+  """{module path: (lora_a path, lora_b path)} of every adapted kernel in `parts` (all by
+  default); raises naming adapters without a LoRA spec, without a partner or kernel, or whose
+  shapes do not fit their kernel (A [..., in, r], B [..., r, out])."""
+  shapes = ckpt.shapes()
+  modules = sorted({p[:-1] for p in shapes if p[-1] in lora.LORA_LEAVES
+                    and (parts is None or p[0] in parts)})
+  if not modules:
+    return {}
+  spec = lora.spec_from_config(config_model)
+  if spec is None:
+    raise UserError(f"checkpoint {ckpt.state_dir} has LoRA adapters but its config.model.lora."
+                    "rank is 0")
+  problems, out = [], {}
+  for m in modules:
+    a, b, k = m + (lora.LORA_A,), m + (lora.LORA_B,), m + ("kernel",)
+    name = "/".join(m)
+    if not (a in shapes and b in shapes and k in shapes):
+      problems.append(f"{name} needs kernel, lora_a and lora_b")
+      continue
+    ks, as_, bs = shapes[k], shapes[a], shapes[b]
+    if as_ != ks[:-1] + (spec.rank,) or bs != ks[:-2] + (spec.rank, ks[-1]):
+      problems.append(f"{name} lora_a {as_} / lora_b {bs} do not fit kernel {ks} at rank "
+                      f"{spec.rank}")
+      continue
+    out[m] = (a, b)
+  if problems:
+    raise UserError(f"checkpoint {ckpt.state_dir}: LoRA adapters that cannot be merged: "
+                    + "; ".join(problems))
+  return out
 
 
 def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
@@ -419,7 +463,8 @@ def token_ids_and_tokenizer(config, tokenizer: str | None = None
 def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloat16",
                max_shard_size: int | str = "5GB", tokenizer: str | None = None,
                llm_only: bool = False, overwrite: bool = False,
-               show_progress: bool | None = None) -> ExportResult:
+               show_progress: bool | None = None,
+               peft_adapter_dir: str | None = None) -> ExportResult:
   """Writes one checkpoint of a training run as a reference-format (or Qwen3) directory.
 
   Args:
@@ -432,6 +477,8 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
     llm_only: write only the Qwen3 LLM + lm_head as a Qwen3ForCausalLM directory.
     overwrite: replace an existing output directory (only once the new one is complete).
     show_progress: a progress bar in bytes (default: when stderr is a terminal).
+    peft_adapter_dir: for a LoRA run, also write its adapters in PEFT's format here (the
+      weights in OUT are always the merged ones).
   """
   if dtype not in DTYPES:
     raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -442,27 +489,47 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
     raise UserError(f"--max_shard_size: {e}") from None
   out = _absolute(output_dir)
   _check_output(out, overwrite)
+  peft_out = _absolute(peft_adapter_dir) if peft_adapter_dir else None
+  if peft_out is not None:
+    _check_output(peft_out, overwrite)
   step, config, ckpt = open_checkpoint(workdir, step)
-  model_config = config.model
+  model_config = lora.base_model_config(config.model)  # what the merged weights belong to
   parts = mapping.LLM_PARTS if llm_only else None
   try:
     scanned = check_shapes(ckpt, model_config, parts)
+    adapted = adapted_modules(ckpt, config.model, parts)
+    if peft_out is not None and not adapted:
+      raise UserError(f"--peft_adapter_dir: {workdir} is not a LoRA run (its checkpoint holds "
+                      "no adapters)")
     token_ids, tok_path = token_ids_and_tokenizer(config, tokenizer)
   except BaseException:
     ckpt.close()
     raise
+  spec = lora.spec_from_config(config.model) if adapted else None
   entries = mapping.entries(model_config, scanned, parts=parts)
   groups = io._group_by_leaf(entries)  # pylint: disable=protected-access
   ordered = [e for group in groups.values() for e in group]  # leaf by leaf (see module doc)
   name = (lambda e: mapping.rename_for_qwen3(e.hf_key)) if llm_only else (lambda e: e.hf_key)
   by_name = {name(e): e for e in ordered}
   total = sum(int(np.prod(e.hf_shape)) for e in ordered) * np_dtype.itemsize
-  leaves = _LeafStream(ckpt, list(groups), np_dtype)
+  leaves = _LeafStream(ckpt, list(groups), np_dtype,
+                       float32_paths={m + ("kernel",) for m in adapted})
+  adapter = {}  # the current module's (A, B) in float32: small, read once per stacked kernel
 
   def produce(hf_name: str) -> np.ndarray:
     e = by_name[hf_name]
     leaf = leaves.get(e.flax_path)
     x = leaf[e.stack_index] if e.stack_index is not None else leaf
+    module = e.flax_path[:-1]
+    if e.flax_path[-1] == "kernel" and module in adapted:
+      if adapter.get("module") != module:
+        adapter.clear()
+        a_path, b_path = adapted[module]
+        adapter.update(module=module, a=ckpt.read(a_path, np.float32),
+                       b=ckpt.read(b_path, np.float32))
+      a, b = (adapter[k] if e.stack_index is None else adapter[k][e.stack_index]
+              for k in ("a", "b"))
+      x = np.asarray(lora.merged_kernel({"kernel": x, lora.LORA_A: a, lora.LORA_B: b}, spec))
     return to_hf_layout(x, e.transform, np_dtype)
 
   def write(path: str) -> list[str]:
@@ -471,6 +538,8 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
                              enabled=show_progress) as bar:
         files = io.write_weights(path, [(name(e), e.hf_shape) for e in ordered], produce,
                                  np_dtype, max_shard_size, on_written=bar.update)
+      if peft_out is not None:  # read while the checkpoint is open
+        peft_tree["tree"] = adapter_tree(ckpt, adapted)
     finally:
       leaves.close()
     if llm_only:
@@ -483,9 +552,25 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return files
 
+  peft_tree: dict = {}
   t0 = time.perf_counter()
   files = _write_into(out, overwrite, write)
+  if peft_out is not None:
+    _write_into(peft_out, overwrite, lambda path: peft_io.save_adapter(
+        path, peft_tree.pop("tree"), config.model, dtype=np_dtype,
+        base_model_name_or_path=config.train.get("init_from", "")))
   return ExportResult(step, os.fspath(out), files, total, time.perf_counter() - t0)
+
+
+def adapter_tree(ckpt: CheckpointParams, adapted) -> dict:
+  """The tree hf.peft.save_adapter takes: the adapters' values (float32; they are small) and the
+  base leaves as their metadata only, since save_adapter needs the tree's structure (which
+  modules, scanned or not) but never the base values."""
+  tree = _nest(dict(ckpt.leaves))
+  for a_path, b_path in adapted.values():
+    for p in (a_path, b_path):
+      mapping.set_leaf(tree, p, ckpt.read(p, np.float32))
+  return tree
 
 
 def to_hf_layout(x: np.ndarray, transform: str, dtype: np.dtype) -> np.ndarray:
@@ -595,6 +680,9 @@ def define_flags() -> dict[str, Any]:
       tokenizer=flags.DEFINE_string("tokenizer", None, "Tokenizer to ship (default: the run's)."),
       llm_only=flags.DEFINE_bool("llm_only", False, "Export the Qwen3 LLM as Qwen3ForCausalLM."),
       overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing output directory."),
+      peft_adapter_dir=flags.DEFINE_string(
+          "peft_adapter_dir", None, "LoRA runs: also write the adapters in PEFT's format here "
+          "(--output_dir always gets the merged weights)."),
       from_hf=flags.DEFINE_string("from_hf", None,
                                   "Reference-format directory to turn into a run directory."),
       config=config_flags.DEFINE_config_file(
@@ -617,7 +705,8 @@ def main(argv: Sequence[str]) -> int:
           f"--config.train.init_from_checkpoint={f['output_dir']}/{CHECKPOINTS}")
     return 0
   r = export_run(f["workdir"], f["output_dir"], f["step"], f["dtype"], f["max_shard_size"],
-                 f["tokenizer"], f["llm_only"], f["overwrite"])
+                 f["tokenizer"], f["llm_only"], f["overwrite"],
+                 peft_adapter_dir=f["peft_adapter_dir"])
   print(f"exported step {r.step} of {f['workdir']} to {r.output_dir}: {len(r.files)} weight "
         f"file(s), {r.tensor_bytes / 1e6:.1f} MB in {r.seconds:.1f} s "
         f"({r.tensor_bytes / 1e6 / max(r.seconds, 1e-9):.0f} MB/s)")

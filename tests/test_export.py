@@ -27,8 +27,9 @@ import torch_reference as tr
 from moss_jax import checkpoint, export, hf, paths, sharding, train
 from moss_jax import train_step as ts
 from moss_jax.errors import UserError
-from moss_jax.hf import io
-from moss_jax.model import MossAudioModel, init_params
+from moss_jax.hf import io, mapping
+from moss_jax.hf import peft as peft_io
+from moss_jax.model import MossAudioModel, init_params, lora
 from test_gcs import BUCKET, _drop_listing_cache, gcs  # noqa: F401  (gcs: a fixture)
 from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
                                 write_run_config)
@@ -42,10 +43,10 @@ TOL = 1e-4  # float32 export: max abs logit difference
 BF16_REL_TOL = 2e-2
 
 
-def _train(workdir, stage: str = "full", steps: int = STEPS, mesh=(1, -1, 1)):
+def _train(workdir, stage: str = "full", steps: int = STEPS, mesh=(1, -1, 1), overrides=None):
   """A run directory as `train` leaves it: config.json + checkpoints/STEP (params, frozen,
   optimizer state), trained `steps` steps on synthetic batches."""
-  config = run_config({"train.stage": stage, "mesh.shape": list(mesh)})
+  config = run_config({"train.stage": stage, "mesh.shape": list(mesh), **(overrides or {})})
   prog = ts.build_program(config, sharding.make_mesh(config.mesh))
   state = prog.init_state(jax.random.key(0))
   for seed in range(steps):
@@ -159,6 +160,62 @@ def test_stage1_run_exports_both_halves_merged(tmp_path):
   assert len(flat_w) == len(flat_l)
   for path, value in flat_w:
     np.testing.assert_array_equal(np.asarray(flat_l[path]), value, err_msg=str(path))
+
+
+def _tensors(directory) -> dict[str, np.ndarray]:
+  out = {}
+  for name in os.listdir(directory):
+    if name.endswith(".safetensors"):
+      out.update({k: v.float().numpy()
+                  for k, v in load_file(os.path.join(directory, name)).items()})
+  return out
+
+
+def test_a_lora_run_exports_its_merged_weights_and_its_peft_adapter(tmp_path):
+  workdir = tmp_path / "lora"
+  config, state = _train(workdir, stage="lora", steps=2, overrides={
+      "model.lora.rank": 4, "model.lora.alpha": 8.0,
+      "model.lora.targets": "llm,adapter,encoder_qkv,lm_head"})
+  params = jax.device_get(ts.full_params(state))
+  assert lora.has_adapters(state["params"]) and not lora.has_adapters(state["frozen"])
+  out, peft_dir = tmp_path / "merged", tmp_path / "adapter"
+  export.export_run(str(workdir), str(out), dtype="float32", peft_adapter_dir=str(peft_dir))
+  # What merge_adapters + save_pretrained write from the whole tree in memory.
+  want_dir = tmp_path / "want"
+  merged = lora.merge_adapters(params, config.model)
+  io.save_pretrained(str(want_dir), MossAudioModel(lora.base_model_config(config.model)), merged,
+                     dtype=np.float32)
+  got, want = _tensors(out), _tensors(want_dir)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+  # The adapters moved the weights (else this test could not tell merged from base).
+  base = _tensors_of(lora.split(params)[0], config)
+  moved = [k for k in want if np.abs(want[k] - base[k]).max() > 1e-4]
+  assert any("q_proj" in k for k in moved) and any("lm_head" in k for k in moved)
+  hf_config = json.loads((out / "config.json").read_text())
+  assert "lora" not in json.dumps(hf_config)
+  _torch_model(str(out))  # loads strictly into the reference
+  # The PEFT adapter is the one hf.peft writes from the tree in memory.
+  peft_want = tmp_path / "peft_want"
+  peft_io.save_adapter(str(peft_want), params, config.model)
+  assert (json.loads((peft_dir / peft_io.ADAPTER_CONFIG).read_text())
+          == json.loads((peft_want / peft_io.ADAPTER_CONFIG).read_text()))
+  a, b = _tensors(peft_dir), _tensors(peft_want)
+  assert set(a) == set(b) and a
+  for k in b:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _tensors_of(params, config) -> dict[str, np.ndarray]:
+  """{reference name: float32 tensor} of a base tree, via the one name table."""
+  scanned = mapping.tree_is_scanned(params)
+  out = {}
+  for e in mapping.entries(lora.base_model_config(config.model), scanned):
+    leaf = np.asarray(mapping.get_leaf(params, e.flax_path), np.float32)
+    x = leaf[e.stack_index] if e.stack_index is not None else leaf
+    out[e.hf_key] = np.asarray(mapping.to_hf(e.transform, x))
+  return out
 
 
 def _export_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
