@@ -36,16 +36,24 @@ from moss_jax import train_step as ts
 from moss_jax.errors import UserError
 from moss_jax.model import attention
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:8b.",
-                                          lock_config=False)
-_DEVICES = flags.DEFINE_integer("devices", None, "Number of devices to plan for (forced CPU devices).")
-_MESH = flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. fsdp=64,tensor=4[,data=1]; "
-                            "axes not named are 1 (default: fsdp=<devices>).")
-_DEVICE_MEMORY = flags.DEFINE_string("device_memory", "95GiB",
-                                     "Memory of one device: 95GiB, 16GiB, 80GB, 17179869184.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_SEARCH = flags.DEFINE_bool("search", False, "Try remat policies and grad_accum splits; print the "
-                            "cheapest setting that fits (one compile per setting tried).")
+def define_flags() -> dict[str, Any]:
+  """The command's flags; defined only when run as a program, so that importing this module
+  (tests, notebooks) next to `moss_jax.train`, which has a --config of its own, is harmless."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Config file, e.g. configs/pretrain.py:8b.", lock_config=False),
+      devices=flags.DEFINE_integer("devices", None,
+                                   "Number of devices to plan for (forced CPU devices)."),
+      mesh=flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. fsdp=64,tensor=4[,data=1]; "
+                               "axes not named are 1 (default: fsdp=<devices>)."),
+      device_memory=flags.DEFINE_string(
+          "device_memory", "95GiB", "Memory of one device: 95GiB, 16GiB, 80GB, 17179869184."),
+      json=flags.DEFINE_bool("json", False, "Print one JSON object instead of a table."),
+      search=flags.DEFINE_bool("search", False, "Try remat policies and grad_accum splits; print "
+                               "the cheapest setting that fits (one compile per setting tried)."))
+
+
+_FLAGS: dict[str, Any] = {}
 
 # Set by the parent in the environment of the re-executed child (see `_reexec_with_devices`).
 _CHILD_ENV = "MOSS_JAX_PLAN_DEVICES"
@@ -201,29 +209,29 @@ def _reexec_with_devices(devices: int) -> None:
 def main(argv: Sequence[str]) -> int:
   del argv
   cli.require("config", "devices")
-  devices = int(_DEVICES.value)
+  devices = int(_FLAGS["devices"].value)
   if devices < 1:
     raise UserError(f"--devices must be positive, got {devices}")
-  shape = parse_mesh(_MESH.value, devices)
-  device_memory = parse_bytes(_DEVICE_MEMORY.value)
+  shape = parse_mesh(_FLAGS["mesh"].value, devices)
+  device_memory = parse_bytes(_FLAGS["device_memory"].value)
   if os.environ.get(_CHILD_ENV) != str(devices):
     _reexec_with_devices(devices)
 
   if jax.device_count() != devices:
     raise UserError(f"asked for {devices} devices but JAX sees {jax.device_count()} "
                     f"({jax.default_backend()}); is XLA_FLAGS overriding the device count?")
-  config = _CONFIG.value
+  config = _FLAGS["config"].value
   config.mesh.shape = shape
   check = config.copy_and_resolve_references()
   if not check.data.train_manifests:
     check.data.train_manifests = "planned.jsonl"  # the plan reads no data; the shapes suffice
   config_validation.validate(check, devices, check_paths=False)
 
-  if _SEARCH.value:
-    log = (lambda *_: None) if _JSON.value else print
+  if _FLAGS["search"].value:
+    log = (lambda *_: None) if _FLAGS["json"].value else print
     log(f"searching remat policies x grad_accum on {devices} devices ...")
     best, tried = search(config, device_memory, log)
-    if _JSON.value:
+    if _FLAGS["json"].value:
       print(json.dumps({"best": best, "tried": tried}))
     elif best is None:
       print(f"nothing tried fits in {gib(device_memory)} per device; note: {CPU_NOTE}")
@@ -234,9 +242,10 @@ def main(argv: Sequence[str]) -> int:
     return 0 if best is not None else 1
 
   result = plan_once(config, device_memory)
-  print(json.dumps(result) if _JSON.value else format_table(result))
+  print(json.dumps(result) if _FLAGS["json"].value else format_table(result))
   return 0
 
 
 if __name__ == "__main__":
+  _FLAGS.update(define_flags())
   cli.run(main)
