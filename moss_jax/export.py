@@ -103,24 +103,29 @@ def find_step(workdir, step: int | None = None) -> tuple[int, epath.Path]:
   return step, ckpt_dir / str(step)
 
 
+class _UnreadableStep(RuntimeError):
+  """A step whose metadata or config cannot be read: the shared fallback sets it aside."""
+
+
 def open_checkpoint(workdir, step: int | None = None
                     ) -> tuple[int, ml_collections.ConfigDict, "CheckpointParams"]:
   """(step, config, parameters) of `step`; without one, of the newest complete step whose
-  metadata and config can be read (older ones are tried in turn with a warning, as train's
-  restore does)."""
-  newest, step_dir = find_step(workdir, step)
-  if step is not None:
-    return step, run_config(step_dir, workdir), CheckpointParams(step_dir)
-  errors = []
-  for s in checkpoint.complete_steps(step_dir.parent)[::-1]:
-    d = step_dir.parent / str(s)
+  metadata and config can be read. An unreadable step is set aside and an older one tried,
+  through the fallback train and generate use (`checkpoint.restore_newest`)."""
+  _, step_dir = find_step(workdir, step)
+  ckpt_dir = step_dir.parent
+
+  def open_step(s: int):
+    d = ckpt_dir / str(s)
     try:
-      return s, run_config(d, workdir), CheckpointParams(d)
+      return run_config(d, workdir), CheckpointParams(d)
     except UserError as e:
-      errors.append(f"step {s}: {e}")
-      logging.warning("cannot open checkpoint step %d (%s); trying an older one", s, e)
-  raise UserError(f"no checkpoint of {workdir} can be read (newest {newest}): "
-                  + "; ".join(errors))
+      if step is not None:  # an explicit step is read or refused, never set aside
+        raise
+      raise _UnreadableStep(str(e)) from None
+
+  s, (config, params) = checkpoint.restore_newest(ckpt_dir, open_step, step=step)
+  return s, config, params
 
 
 def run_config(step_dir, workdir=None) -> ml_collections.ConfigDict:
