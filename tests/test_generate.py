@@ -184,13 +184,8 @@ def test_reference_generate_matches_a_greedy_loop_over_the_pytorch_reference(tmp
   import torch_reference as tr
   from moss_jax import hf
   audio_id, bos, eos_audio, digits = 7, 8, 9, list(range(15, 25))
-  torch.manual_seed(0)
-  ref = tr.TorchMossAudio(tr.tiny_reference_config(audio_token_id=audio_id))
-  tr.randomize_(ref, seed=1)
-  ref.eval()
   path = str(tmp_path / "ref")
-  tr.save_reference_checkpoint(ref, path, processor_extra=dict(audio_start_id=bos,
-                                                               audio_end_id=eos_audio))
+  ref = tr.random_reference_dir(path, audio_id, bos, eos_audio)
   model, params = hf.load_pretrained(path)
 
   def span(frames):  # bos, placeholders with a marker after every 25 (spec 5.3), eos

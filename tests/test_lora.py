@@ -56,13 +56,8 @@ def randomize_b(params, seed=0, scale=0.1):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """(torch reference, its reference-format dir, our base model and params, inputs)."""
-  torch.manual_seed(0)
-  ref = tr.TorchMossAudio(tr.tiny_reference_config(audio_token_id=AUDIO_ID))
-  tr.randomize_(ref, seed=1)
-  ref.eval()
   path = str(tmp_path_factory.mktemp("ref"))
-  tr.save_reference_checkpoint(ref, path, processor_extra=dict(audio_start_id=AUDIO_BOS,
-                                                               audio_end_id=AUDIO_EOS))
+  ref = tr.random_reference_dir(path, AUDIO_ID, AUDIO_BOS, AUDIO_EOS)
   model, params = hf.load_pretrained(path)
   rng = np.random.default_rng(0)
   frames = 300

@@ -239,3 +239,16 @@ def save_reference_checkpoint(model: TorchMossAudio, path: str, processor_extra:
   proc.update(processor_extra or {})
   with open(os.path.join(path, "processor_config.json"), "w") as f:
     json.dump(proc, f, indent=2)
+
+
+def random_reference_dir(path: str, audio_token_id: int = 7, audio_start_id: int = 8,
+                         audio_end_id: int = 9) -> TorchMossAudio:
+  """A tiny reference model with seeded random weights (eval mode), written to `path` in the
+  released format; the fixture every parity test starts from."""
+  torch.manual_seed(0)
+  ref = TorchMossAudio(tiny_reference_config(audio_token_id=audio_token_id))
+  randomize_(ref, seed=1)
+  ref.eval()
+  save_reference_checkpoint(ref, path, processor_extra=dict(audio_start_id=audio_start_id,
+                                                           audio_end_id=audio_end_id))
+  return ref
