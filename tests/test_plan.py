@@ -68,3 +68,17 @@ def test_parsers():
   assert plan.parse_mesh("data=2,fsdp=4", 8) == (2, 4, 1)
   with pytest.raises(UserError, match="axis=size"):
     plan.parse_mesh("pipeline=8", 8)
+
+
+def test_child_environment_forces_devices_and_memory_scheduler():
+  env = plan.child_environment(8, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                                "--xla_dump_to=/tmp/d", "HOME": "/h"})
+  flags = env["XLA_FLAGS"].split()
+  assert flags.count("--xla_force_host_platform_device_count=8") == 1
+  assert "--xla_force_host_platform_device_count=2" not in flags
+  assert "--xla_dump_to=/tmp/d" in flags and env["HOME"] == "/h"
+  assert f"--xla_cpu_scheduler_type={plan.CPU_SCHEDULER}" in flags
+  assert env["JAX_PLATFORMS"] == "cpu"
+  # A scheduler the user chose stays.
+  mine = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"
+  assert plan.child_environment(8, {"XLA_FLAGS": mine})["XLA_FLAGS"].count("scheduler_type") == 1
