@@ -71,10 +71,9 @@ DTYPES = ("bfloat16", "float32", "float16")
 _ID_NAMES = (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
              ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
              ("im_end_id", "eos_token_id"))
-# Chunks decoded at once while reading a leaf: parallel decompression vs transient memory (more
-# did not help on the 2-core benchmark machine).
-_CHUNKS_IN_FLIGHT = 2
 # Errors of a write that ran out of room (a full disk, a quota, a file-size limit).
+# Chunks read at once while reading a leaf: parallel decompression vs transient memory.
+_CHUNKS_IN_FLIGHT = 2
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -188,13 +187,17 @@ class CheckpointParams:
     m = self.leaves[path]
     return int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
 
-  def read(self, path: tuple[str, ...], dtype=None) -> np.ndarray:
-    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype)."""
-    return self.start_read(path, dtype)()
+  def read(self, path: tuple[str, ...], dtype=None, torch_linear: bool = False) -> np.ndarray:
+    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype); with
+    `torch_linear` a Dense kernel [..., in, out] comes back as torch's [..., out, in]."""
+    return self.start_read(path, dtype, torch_linear)()
 
-  def start_read(self, path: tuple[str, ...], dtype=None):
-    """Starts reading a leaf in a background thread; returns a function that waits for it."""
-    future = self._pool.submit(self._read, path, dtype)
+  def start_read(self, path: tuple[str, ...], dtype=None, torch_linear: bool = False,
+                 into: np.ndarray | None = None):
+    """Starts reading a leaf in a background thread; returns a function that waits for it.
+    `into`: a flat byte buffer to build the leaf in (reused buffers spare the kernel from
+    zeroing fresh pages for every leaf)."""
+    future = self._pool.submit(self._read, path, dtype, torch_linear, into)
 
     def wait() -> np.ndarray:
       try:
@@ -207,69 +210,116 @@ class CheckpointParams:
 
     return wait
 
-  def _read(self, path: tuple[str, ...], dtype) -> np.ndarray:
-    """Chunk by chunk (the shards Orbax wrote), each decoded once and cast into the result as it
-    arrives, a few in flight (parallel decompression; the transient memory is those chunks), and a float32 leaf exported as
-    bfloat16 is only ever held in bfloat16."""
+  def _read(self, path: tuple[str, ...], dtype, torch_linear: bool,
+            into: np.ndarray | None) -> np.ndarray:
+    """Chunk by chunk (the shards Orbax wrote), a few in flight (tensorstore decodes them in
+    parallel; the transient memory is those chunks); each is cast by numpy (tensorstore's own
+    cast loop is several times slower) and, for a torch-layout kernel, transposed into the
+    result in cache-sized tiles, so a float32 leaf exported as bfloat16 is only held in bfloat16
+    and no second copy of the leaf is ever made."""
     m = self.leaves[path]
     info = ocp.type_handlers.ParamInfo(
         name=m.name, parent_dir=epath.Path(m.directory or self.state_dir),
         is_ocdbt_checkpoint=self._use_ocdbt, use_zarr3=self._use_zarr3, ts_context=self._context)
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
     src = ts.open(spec, context=self._context, open=True).result()
-    if tuple(src.shape) != tuple(m.shape):
+    shape = tuple(src.shape)
+    if shape != tuple(m.shape):
       raise UserError(f"parameter {'/'.join(path)} in {self.state_dir} has shape "
-                      f"{tuple(src.shape)}, its metadata says {tuple(m.shape)}")
-    out = np.empty(src.shape, np.dtype(dtype) if dtype is not None else src.dtype.numpy_dtype)
-    chunk = [c or n for c, n in zip(src.chunk_layout.read_chunk.shape or src.shape, src.shape)]
-    starts = itertools.product(*[range(0, n, c) for n, c in zip(src.shape, chunk)])
+                      f"{shape}, its metadata says {tuple(m.shape)}")
+    dtype = np.dtype(dtype) if dtype is not None else src.dtype.numpy_dtype
+    torch_linear = torch_linear and len(shape) >= 2
+    out_shape = shape[:-2] + shape[:-3:-1] if torch_linear else shape
+    if into is None:
+      out = np.empty(out_shape, dtype)
+    else:
+      out = into[:int(np.prod(out_shape, dtype=np.int64)) * dtype.itemsize].view(dtype)
+      out = out.reshape(out_shape)
+    scratch = None  # one cast chunk, reused
+    chunk = [c or n for c, n in zip(src.chunk_layout.read_chunk.shape or shape, shape)]
+    regions = (tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, shape))
+               for start in itertools.product(*[range(0, n, c) for n, c in zip(shape, chunk)]))
     in_flight: collections.deque = collections.deque()
-    for start in starts:
-      region = tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, src.shape))
-      in_flight.append((region, src[region].read()))
-      if len(in_flight) >= _CHUNKS_IN_FLIGHT:
-        region, f = in_flight.popleft()
-        out[region] = f.result()
-    while in_flight:
-      region, f = in_flight.popleft()
-      out[region] = f.result()
+    for region in itertools.chain(regions, [None] * _CHUNKS_IN_FLIGHT):
+      if region is not None:
+        in_flight.append((region, src[region].read()))
+      if len(in_flight) > (_CHUNKS_IN_FLIGHT - 1 if region is not None else 0):
+        done, future = in_flight.popleft()
+        value = future.result()
+        if not torch_linear:
+          np.copyto(out[done], value, casting="unsafe")
+          continue
+        if value.dtype != dtype:
+          if scratch is None or scratch.size < value.size:
+            scratch = np.empty(value.size, dtype)
+          value = np.copyto(scratch[:value.size].reshape(value.shape), value, casting="unsafe") \
+              or scratch[:value.size].reshape(value.shape)
+        _transpose_into(out[done[:-2] + (done[-1], done[-2])], value)
     return out
 
 
+def _transpose_into(out: np.ndarray, x: np.ndarray, tile: int = 128) -> None:
+  """out[..., j, i] = x[..., i, j], tile by tile: numpy's plain transposed copy of a large matrix
+  misses the cache on nearly every element. Copied as same-size integers (no dtype-specific
+  loop: bfloat16 has none)."""
+  native = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(x.dtype.itemsize)
+  if native is not None:
+    out, x = out.view(native), x.view(native)
+  rows, cols = x.shape[-2:]
+  for i in range(0, rows, tile):
+    for j in range(0, cols, tile):
+      out[..., j:j + tile, i:i + tile] = np.swapaxes(x[..., i:i + tile, j:j + tile], -1, -2)
+
+
 class _LeafStream:
-  """The leaves of a checkpoint in a fixed order, one held at a time (in the export's dtype);
-  the next one is read in the background while the current one is converted, when both fit in
-  the largest leaf's bytes (so the overlap never raises the peak memory above that)."""
+  """The leaves of a checkpoint in a fixed order, in the export's dtype (Dense kernels already in
+  torch's layout where `torch_linear_paths` says so), built in one reused arena: leaf i at the
+  arena's start when i is even, at its end when odd, so the next leaf can be read in the
+  background while the current one is written whenever both fit. The arena (the largest leaf,
+  or a quarter of the export if that is more) is all the memory the leaves take, and reusing
+  it spares the kernel zeroing fresh pages for every leaf."""
 
   def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype,
-               float32_paths=frozenset()):
+               float32_paths=frozenset(), torch_linear_paths=frozenset()):
     self.ckpt = ckpt
     self.order = order
     # LoRA-adapted kernels are read in float32: the adapter is added before the cast.
     self.dtypes = {p: np.dtype(np.float32) if p in float32_paths else dtype for p in order}
-    self.size = {p: int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * self.dtypes[p].itemsize
-                 for p in order}
-    self.budget = max(self.size.values())
-    self.current: tuple[str, ...] | None = None
+    self.torch_linear = torch_linear_paths
+    self.sizes = [int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * self.dtypes[p].itemsize
+                  for p in order]
+    self.arena = np.empty(max(max(self.sizes), sum(self.sizes) // 4), np.uint8)
+    self.current: int | None = None
     self.value: np.ndarray | None = None
-    self.pending: dict[tuple[str, ...], Any] = {}
+    self.pending: dict[int, Any] = {}
+
+  def _start(self, i: int):
+    path, size = self.order[i], self.sizes[i]
+    into = self.arena[:size] if i % 2 == 0 else self.arena[self.arena.size - size:]
+    return self.ckpt.start_read(path, self.dtypes[path], path in self.torch_linear, into=into)
 
   def get(self, path: tuple[str, ...]) -> np.ndarray:
-    if path != self.current:
-      self.value = None  # drop the previous leaf before holding the next
-      wait = self.pending.pop(path, None) or self.ckpt.start_read(path, self.dtypes[path])
-      self.value, self.current = wait(), path
-      i = self.order.index(path)
-      if i + 1 < len(self.order):
-        nxt = self.order[i + 1]
-        if self.size[path] + self.size[nxt] <= self.budget:
-          self.pending[nxt] = self.ckpt.start_read(nxt, self.dtypes[nxt])
+    """The leaf at `path`. Leaves must be asked for in order, and a leaf's arrays are only valid
+    until the next one is asked for (its bytes are then reused)."""
+    i = self.order.index(path)
+    if i != self.current:
+      self.value = None
+      wait = self.pending.pop(i, None) or self._start(i)
+      self.value, self.current = wait(), i
+      if i + 1 < len(self.order) and self.sizes[i] + self.sizes[i + 1] <= self.arena.size:
+        self.pending[i + 1] = self._start(i + 1)
     return self.value
 
   def close(self) -> None:
+    for wait in self.pending.values():  # no read may still write into the arena
+      try:
+        wait()
+      except UserError:
+        pass
     self.value, self.current = None, None
     self.pending.clear()
     self.ckpt.close()
+    self.arena = np.empty(0, np.uint8)
 
 
 def check_shapes(ckpt: CheckpointParams, model_config, parts=None) -> bool:
@@ -517,8 +567,10 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
   name = (lambda e: mapping.rename_for_qwen3(e.hf_key)) if llm_only else (lambda e: e.hf_key)
   by_name = {name(e): e for e in ordered}
   total = sum(int(np.prod(e.hf_shape)) for e in ordered) * np_dtype.itemsize
-  leaves = _LeafStream(ckpt, list(groups), np_dtype,
-                       float32_paths={m + ("kernel",) for m in adapted})
+  float32_paths = {m + ("kernel",) for m in adapted}
+  torch_linear = {path for path, group in groups.items()
+                  if group[0].transform == mapping.LINEAR and path not in float32_paths}
+  leaves = _LeafStream(ckpt, list(groups), np_dtype, float32_paths, torch_linear)
   adapter = {}  # the current module's (A, B) in float32: small, read once per stacked kernel
 
   def produce(hf_name: str) -> np.ndarray:
@@ -535,6 +587,8 @@ def export_run(workdir, output_dir, step: int | None = None, dtype: str = "bfloa
       a, b = (adapter[k] if e.stack_index is None else adapter[k][e.stack_index]
               for k in ("a", "b"))
       x = np.asarray(lora.merged_kernel({"kernel": x, lora.LORA_A: a, lora.LORA_B: b}, spec))
+    elif e.flax_path in torch_linear:
+      return x  # read cast and transposed
     return to_hf_layout(x, e.transform, np_dtype)
 
   def write(path: str) -> list[str]:
@@ -579,22 +633,14 @@ def adapter_tree(ckpt: CheckpointParams, adapted) -> dict:
 
 
 def to_hf_layout(x: np.ndarray, transform: str, dtype: np.dtype) -> np.ndarray:
-  """One tensor in torch layout and `dtype`, C-contiguous, ready to write.
-
-  Casts first (a contiguous pass that halves the bytes for bfloat16), then transposes kernels in
-  row blocks: numpy's plain transposed copy of a large matrix misses the cache on every element
-  and was the slowest step of an export.
-  """
+  """One tensor in torch layout and `dtype`, C-contiguous, ready to write (kernels that were not
+  read in torch layout already: LoRA-merged ones, convolutions)."""
   y = np.asarray(x).astype(dtype, copy=False)
   if transform != mapping.LINEAR or y.ndim != 2:
     return np.ascontiguousarray(mapping.to_hf(transform, y))
-  native = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(y.dtype.itemsize)
-  src = y.view(native) if native is not None else y  # integer copies: no dtype-specific loop
-  out = np.empty(src.shape[::-1], src.dtype)
-  block = 256
-  for i in range(0, src.shape[0], block):
-    out[:, i:i + block] = src[i:i + block].T
-  return out.view(y.dtype)
+  out = np.empty(y.shape[::-1], y.dtype)
+  _transpose_into(out, y)
+  return out
 
 
 def _write_qwen3_configs(path, model_config, np_dtype, token_ids, tokenizer) -> None:
