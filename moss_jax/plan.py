@@ -216,7 +216,7 @@ def child_environment(devices: int, environ: Mapping[str, str]) -> dict[str, str
 
   XLA:CPU schedules for concurrency by default: breadth-first, so every instruction without
   operands starts at the beginning of the step, among them the zero-filled gradient
-  accumulators of the backward layer scans (most of the float32 gradient: 1.8 of 2.45 GiB per
+  accumulators of the backward layer scans (most of the float32 gradient: 1.7 of 2.45 GiB per
   device for the 4b preset on 8 devices) and the weight all-gathers, which then stay live
   through the entire forward pass. XLA:TPU and XLA:GPU schedule with memory in view, so the memory-optimized CPU scheduler
   is the closer approximation of their peak (about 1.2 GiB less temporary memory per device for
