@@ -186,6 +186,31 @@ def test_remat_policies_match(policy, remat_reference):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), g1, g0)
 
 
+def test_bf16_layer_scan_saves_only_input_bits():
+  """Under remat=full a bfloat16 LLM scan keeps one thing per layer for the backward pass: the
+  layer's input, as uint16 bits (a bfloat16 stack costs a float32 copy on XLA:CPU); the
+  gradients are bit-for-bit those of the model without remat."""
+  from moss_jax.model import llm
+  cfg = tiny_config().text
+  b, length = 2, 16
+  x = jax.random.normal(jax.random.key(0), (b, length, cfg.hidden_size), jnp.bfloat16)
+  pos = jnp.tile(jnp.arange(length)[None], (b, 1))
+  seg = jnp.ones((b, length), jnp.int32)
+
+  def loss_of(policy):
+    model = llm.Qwen3Model(cfg, dtype=jnp.bfloat16, remat_policy=policy)
+    return lambda p, x: jnp.sum(jnp.square(
+        model.apply({"params": p}, x, pos, seg).astype(jnp.float32)))
+
+  params = llm.Qwen3Model(cfg, dtype=jnp.bfloat16).init(jax.random.key(1), x, pos, seg)["params"]
+  _, vjp = jax.vjp(loss_of("full"), params, x)
+  stacked = [(a.dtype, a.shape) for a in jax.tree.leaves(vjp) if a.ndim == 4]
+  assert stacked == [(jnp.uint16, (cfg.num_hidden_layers, b, length, cfg.hidden_size))]
+  g_full, g_none = (jax.jit(jax.grad(loss_of(p), argnums=(0, 1)))(params, x)
+                    for p in ("full", "none"))
+  jax.tree.map(np.testing.assert_array_equal, g_full, g_none)
+
+
 def test_conv_stem_implementations_agree(remat_reference):
   """The patch-matmul stem (auto on CPU from 32 channels) computes the lax.conv stem: same
   parameters, same loss and gradients up to float32 summation order; both resolve as documented."""

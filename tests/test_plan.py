@@ -48,6 +48,7 @@ def test_plan_reports_per_device_memory_as_json():
   assert out["fits"] is (out["total"] <= 64 * 1024) and out["fits"] is False
   assert out["compile_seconds"] > 0 and "approximate" in out["note"]
   assert out["attention"] == "blockwise"  # auto on a CPU compile
+  assert out["conv_stem_impl"] == "conv"  # auto as on TPU / GPU, not CPU's patch matmul
 
 
 def test_plan_flag_errors_are_one_line():
@@ -68,3 +69,26 @@ def test_parsers():
   assert plan.parse_mesh("data=2,fsdp=4", 8) == (2, 4, 1)
   with pytest.raises(UserError, match="axis=size"):
     plan.parse_mesh("pipeline=8", 8)
+
+
+def test_child_environment_forces_devices_and_memory_scheduler():
+  env = plan.child_environment(8, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                                "--xla_dump_to=/tmp/d", "HOME": "/h"})
+  flags = env["XLA_FLAGS"].split()
+  assert flags.count("--xla_force_host_platform_device_count=8") == 1
+  assert "--xla_force_host_platform_device_count=2" not in flags
+  assert "--xla_dump_to=/tmp/d" in flags and env["HOME"] == "/h"
+  assert f"--xla_cpu_scheduler_type={plan.CPU_SCHEDULER}" in flags
+  assert env["JAX_PLATFORMS"] == "cpu"
+  # A scheduler the user chose stays.
+  mine = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"
+  assert plan.child_environment(8, {"XLA_FLAGS": mine})["XLA_FLAGS"].count("scheduler_type") == 1
+
+
+def test_plan_compiles_the_accelerators_conv_stem():
+  from configs import pretrain
+  config = pretrain.get_config("demo")
+  assert plan.as_on_accelerator(config).model.audio.conv_stem_impl == "conv"
+  assert config.model.audio.conv_stem_impl == "auto"  # the caller's config is left as it was
+  config.model.audio.conv_stem_impl = "patches"
+  assert plan.as_on_accelerator(config).model.audio.conv_stem_impl == "patches"

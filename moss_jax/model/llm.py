@@ -128,6 +128,7 @@ class Qwen3DecoderLayer(nn.Module):
     """-> (output, this layer's updated cache or None)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.saved_layer_input(x)
     h = layers.RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
     attn = Qwen3Attention(cfg, name="self_attn", attention=self.attention,
                           attention_block_size=self.attention_block_size, **kw)
