@@ -281,9 +281,10 @@ class _LeafStream:
   """The leaves of a checkpoint in a fixed order, in the export's dtype (Dense kernels already in
   torch's layout where `torch_linear_paths` says so), built in one reused arena: leaf i at the
   arena's start when i is even, at its end when odd, so the next leaf can be read in the
-  background while the current one is written whenever both fit. The arena (the largest leaf,
-  or a quarter of the export if that is more) is all the memory the leaves take, and reusing
-  it spares the kernel zeroing fresh pages for every leaf."""
+  background while the current one is written whenever both fit. The arena (the largest leaf)
+  is all the memory the leaves take, and reusing it spares the kernel zeroing fresh pages for
+  every leaf. (An arena of a quarter of the model let more leaves overlap: ~3% faster on the
+  benchmark machine, for 100-150 MB more peak memory.)"""
 
   def __init__(self, ckpt: CheckpointParams, order: list[tuple[str, ...]], dtype: np.dtype,
                float32_paths=frozenset(), torch_linear_paths=frozenset()):
@@ -294,8 +295,7 @@ class _LeafStream:
     self.torch_linear = torch_linear_paths
     self.sizes = [int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * self.dtypes[p].itemsize
                   for p in order]
-    arena = max(max(self.sizes), sum(self.sizes) // 4)
-    self.arena = np.empty(-(-arena // 64) * 64, np.uint8)
+    self.arena = np.empty(-(-max(self.sizes) // 64) * 64, np.uint8)
     self.current: int | None = None
     self.value: np.ndarray | None = None
     self.pending: dict[int, Any] = {}
