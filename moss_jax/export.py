@@ -71,9 +71,9 @@ DTYPES = ("bfloat16", "float32", "float16")
 _ID_NAMES = (("audio_token_id", "audio_token_id"), ("audio_bos_id", "audio_start_id"),
              ("audio_eos_id", "audio_end_id"), ("pad_id", "bos_token_id"),
              ("im_end_id", "eos_token_id"))
-# Errors of a write that ran out of room (a full disk, a quota, a file-size limit).
 # Chunks read at once while reading a leaf: parallel decompression vs transient memory.
 _CHUNKS_IN_FLIGHT = 2
+# Errors of a write that ran out of room (a full disk, a quota, a file-size limit).
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -235,26 +235,32 @@ class CheckpointParams:
     else:
       out = into[:int(np.prod(out_shape, dtype=np.int64)) * dtype.itemsize].view(dtype)
       out = out.reshape(out_shape)
-    scratch = None  # one cast chunk, reused
     chunk = [c or n for c, n in zip(src.chunk_layout.read_chunk.shape or shape, shape)]
-    regions = (tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, shape))
-               for start in itertools.product(*[range(0, n, c) for n, c in zip(shape, chunk)]))
+    scratch = np.empty(0, dtype)  # one cast chunk of a transposed leaf, reused
+
+    def place(region, value: np.ndarray) -> None:
+      nonlocal scratch
+      if not torch_linear:
+        np.copyto(out[region], value, casting="unsafe")  # cast in place
+        return
+      if value.dtype != dtype:
+        if scratch.size < value.size:
+          scratch = np.empty(value.size, dtype)
+        cast = scratch[:value.size].reshape(value.shape)
+        np.copyto(cast, value, casting="unsafe")
+        value = cast
+      _transpose_into(out[region[:-2] + (region[-1], region[-2])], value)
+
     in_flight: collections.deque = collections.deque()
-    for region in itertools.chain(regions, [None] * _CHUNKS_IN_FLIGHT):
-      if region is not None:
-        in_flight.append((region, src[region].read()))
-      if len(in_flight) > (_CHUNKS_IN_FLIGHT - 1 if region is not None else 0):
-        done, future = in_flight.popleft()
-        value = future.result()
-        if not torch_linear:
-          np.copyto(out[done], value, casting="unsafe")
-          continue
-        if value.dtype != dtype:
-          if scratch is None or scratch.size < value.size:
-            scratch = np.empty(value.size, dtype)
-          value = np.copyto(scratch[:value.size].reshape(value.shape), value, casting="unsafe") \
-              or scratch[:value.size].reshape(value.shape)
-        _transpose_into(out[done[:-2] + (done[-1], done[-2])], value)
+    for start in itertools.product(*[range(0, n, c) for n, c in zip(shape, chunk)]):
+      region = tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, chunk, shape))
+      in_flight.append((region, src[region].read()))
+      if len(in_flight) >= _CHUNKS_IN_FLIGHT:
+        region, future = in_flight.popleft()
+        place(region, future.result())
+    while in_flight:
+      region, future = in_flight.popleft()
+      place(region, future.result())
     return out
 
 
@@ -288,15 +294,25 @@ class _LeafStream:
     self.torch_linear = torch_linear_paths
     self.sizes = [int(np.prod(ckpt.leaves[p].shape, dtype=np.int64)) * self.dtypes[p].itemsize
                   for p in order]
-    self.arena = np.empty(max(max(self.sizes), sum(self.sizes) // 4), np.uint8)
+    arena = max(max(self.sizes), sum(self.sizes) // 4)
+    self.arena = np.empty(-(-arena // 64) * 64, np.uint8)
     self.current: int | None = None
     self.value: np.ndarray | None = None
     self.pending: dict[int, Any] = {}
 
+  def _offset(self, i: int) -> int:
+    """Where leaf i starts in the arena: at 0, or as far back as fits, 64-byte aligned."""
+    return 0 if i % 2 == 0 else (self.arena.size - self.sizes[i]) // 64 * 64
+
   def _start(self, i: int):
-    path, size = self.order[i], self.sizes[i]
-    into = self.arena[:size] if i % 2 == 0 else self.arena[self.arena.size - size:]
-    return self.ckpt.start_read(path, self.dtypes[path], path in self.torch_linear, into=into)
+    path, offset = self.order[i], self._offset(i)
+    return self.ckpt.start_read(path, self.dtypes[path], path in self.torch_linear,
+                                into=self.arena[offset:offset + self.sizes[i]])
+
+  def _disjoint(self, i: int, j: int) -> bool:
+    (_, first_end), (second_start, _) = sorted(
+        (self._offset(k), self._offset(k) + self.sizes[k]) for k in (i, j))
+    return first_end <= second_start
 
   def get(self, path: tuple[str, ...]) -> np.ndarray:
     """The leaf at `path`. Leaves must be asked for in order, and a leaf's arrays are only valid
@@ -304,20 +320,27 @@ class _LeafStream:
     i = self.order.index(path)
     if i != self.current:
       self.value = None
-      wait = self.pending.pop(i, None) or self._start(i)
+      wait = self.pending.pop(i, None)
+      if wait is None:
+        self._drain()  # a read out of order: nothing else may be writing into the arena
+        wait = self._start(i)
       self.value, self.current = wait(), i
-      if i + 1 < len(self.order) and self.sizes[i] + self.sizes[i + 1] <= self.arena.size:
+      if i + 1 < len(self.order) and self._disjoint(i, i + 1):
         self.pending[i + 1] = self._start(i + 1)
     return self.value
 
-  def close(self) -> None:
-    for wait in self.pending.values():  # no read may still write into the arena
+  def _drain(self) -> None:
+    """Waits for the reads in flight (their errors belong to leaves nobody asked for yet)."""
+    for wait in self.pending.values():
       try:
         wait()
       except UserError:
         pass
-    self.value, self.current = None, None
     self.pending.clear()
+
+  def close(self) -> None:
+    self._drain()
+    self.value, self.current = None, None
     self.ckpt.close()
     self.arena = np.empty(0, np.uint8)
 
