@@ -14,8 +14,7 @@
              MQA kernel per K/V head, under shard_map over the batch and K/V-head mesh axes.
              Off TPU the same kernel runs in Pallas' interpreter (exact but slow: for tests);
              it has not been run on TPU hardware in this project.
-  auto       splash on TPU, cudnn on GPU for bf16/fp16, blockwise otherwise (xla when the whole
-             sequence fits in one block: the same [L, L] tile, without the loops).
+  auto       splash on TPU, cudnn on GPU for bf16/fp16, blockwise otherwise.
 
 Masking rule (all implementations): query i attends to key j when j <= i and both carry the same
 segment id. Padding (segment 0) then attends to earlier padding, so no row is ever fully masked.
@@ -72,10 +71,6 @@ def segment_causal_attention(q: Array, k: Array, v: Array, segment_ids: Array, *
   Returns [B, L, Hq, D] in q.dtype. Softmax statistics are float32 in every implementation.
   """
   impl = resolve(implementation, q.dtype)
-  if implementation == "auto" and impl == "blockwise" and q.shape[1] <= block_size:
-    # One tile: blockwise would hold the same [L, L] scores, only behind loops and a backward
-    # that recomputes them (the demo's LLM attention took 19% more time that way on CPU).
-    impl = "xla"
   if impl == "xla":
     return layers.attention(q, k, v, scale=scale, mask=packed_causal_mask(segment_ids))
   if impl == "blockwise":
