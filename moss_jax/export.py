@@ -187,16 +187,16 @@ class CheckpointParams:
     m = self.leaves[path]
     return int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
 
-  def read(self, path: tuple[str, ...], dtype=None, torch_linear: bool = False) -> np.ndarray:
-    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype); with
-    `torch_linear` a Dense kernel [..., in, out] comes back as torch's [..., out, in]."""
-    return self.start_read(path, dtype, torch_linear)()
+  def read(self, path: tuple[str, ...], dtype=None) -> np.ndarray:
+    """One whole leaf as a host numpy array, in `dtype` (default: its stored dtype)."""
+    return self.start_read(path, dtype)()
 
   def start_read(self, path: tuple[str, ...], dtype=None, torch_linear: bool = False,
                  into: np.ndarray | None = None):
     """Starts reading a leaf in a background thread; returns a function that waits for it.
-    `into`: a flat byte buffer to build the leaf in (reused buffers spare the kernel from
-    zeroing fresh pages for every leaf)."""
+    `torch_linear`: a Dense kernel [..., in, out] comes back as torch's [..., out, in]. `into`: a
+    flat byte buffer to build the leaf in (reused buffers spare the kernel from zeroing fresh
+    pages for every leaf)."""
     future = self._pool.submit(self._read, path, dtype, torch_linear, into)
 
     def wait() -> np.ndarray:
