@@ -135,7 +135,11 @@ class Dense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = super().__call__(inputs)
+    # One [tokens, in] x [in, out] matmul rather than a dot with leading batch dims: XLA:CPU then
+    # gives the backward pass's weight-gradient dots plain layouts instead of writing transposed
+    # copies of [tokens, features] activations (the same math; TPU/GPU flatten dots anyway).
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    y = y.reshape(inputs.shape[:-1] + (self.features,))
     spec = _ACTIVE.get()
     path = "/".join(self.scope.path)
     if spec is None or not spec.matches(path):
