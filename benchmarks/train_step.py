@@ -53,10 +53,11 @@ def main(argv=None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   import jax
-  from moss_jax import flops, sharding
+  from moss_jax import flops, host_memory, sharding
   from moss_jax import train_step as ts
   from moss_jax.model import count_params
 
+  host_memory.retain_freed_memory_on_cpu()  # as `moss_jax.train` does
   mesh_shape = tuple(int(x) for x in args.mesh.split(","))
   config = mid_config(args.stage, mesh_shape, args.grad_accum)
   mesh = sharding.make_mesh(config.mesh)

@@ -16,6 +16,9 @@ all text after the audio supervised. moss_jax runs `train_step.build_program` on
 attention) with cross-entropy, `clip_grad_norm_` and `torch.optim.AdamW`, with
 torch.set_num_threads(cpu count).
 
+Both processes use the malloc policy `moss_jax.train` sets on CPU (moss_jax/host_memory.py: freed
+memory kept for reuse); MOSS_JAX_HOST_MALLOC=default runs both with glibc's defaults.
+
 Each framework runs in its own subprocess (one import, one compilation, a warm-up step, then
 `--steps` timed steps), alternating jax / torch for `--rounds` rounds, so both see the same
 machine load; the figures are medians over all timed steps of all rounds. Each jax round also
@@ -131,11 +134,12 @@ def jax_batch(config, arrays: dict) -> dict:
 def run_jax(shape: str, steps: int, overrides: dict[str, str]) -> dict:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
-  from moss_jax import flops, sharding
+  from moss_jax import flops, host_memory, sharding
   from moss_jax import train_step as ts
   from moss_jax.model import count_params
   from moss_jax.model import encoder
 
+  host_memory.retain_freed_memory_on_cpu()  # as `moss_jax.train` does, before the backend starts
   config = model_config(shape, overrides)
   mesh = sharding.make_mesh(config.mesh)
   prog = ts.build_program(config, mesh)
@@ -187,6 +191,8 @@ def torch_reference_config(config) -> dict:
 
 def run_torch(shape: str, steps: int, overrides: dict[str, str]) -> dict:
   sys.path.insert(0, os.path.join(common.REPO, "tests"))
+  from moss_jax import host_memory
+  host_memory.retain_freed_memory()  # the same malloc policy as the jax process
   import torch
   import torch_reference as tr
 

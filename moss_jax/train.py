@@ -22,7 +22,8 @@ from ml_collections import config_flags
 from data_pipelines import pipeline, tokenizers
 from data_pipelines.loader import ShardedLoader, global_bad_record_counts
 from moss_jax import checkpoint, cli, config_validation, diagnostics, distributed, evaluate, export
-from moss_jax import flops, generate, hf, metrics, paths, progress, sharding, workdir_lock
+from moss_jax import flops, generate, hf, host_memory, metrics, paths, progress, sharding
+from moss_jax import workdir_lock
 from moss_jax import train_step as ts
 from moss_jax.config_validation import ConfigError
 from moss_jax.errors import UserError
@@ -428,6 +429,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 def main(argv) -> None:
   del argv  # cli.run rejects stray arguments
   cli.require("config", "workdir")
+  host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          mode=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

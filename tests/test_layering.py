@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("data_pipelines",),
     "recipes": ("configs",),
     "runtime": ("moss_jax.sharding", "moss_jax.optim", "moss_jax.flops", "moss_jax.metrics",
-                "moss_jax.distributed", "moss_jax.checkpoint"),
+                "moss_jax.distributed", "moss_jax.checkpoint", "moss_jax.host_memory"),
     "model": ("moss_jax.model", "moss_jax.decoding"),  # decoding: the model's KV-cache loop
     "hf": ("moss_jax.hf",),
     "programs": ("moss_jax",),
