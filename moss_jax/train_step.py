@@ -104,9 +104,10 @@ def _vocab_blocks(vocab: int, target: int) -> tuple[int, int]:
 
 def _block_logits(h: jax.Array, w_block: jax.Array, j: jax.Array, vb: int, vocab: int
                   ) -> jax.Array:
-  """float32 logits of vocabulary block j, [B, c, vb]; padded vocabulary columns -> -inf-ish."""
-  logits = jnp.einsum("blh,hv->blv", h, w_block, preferred_element_type=jnp.float32)
-  logits = layers.constrain(logits, ("batch", "length", "vocab"))
+  """float32 logits of vocabulary block j, [N, vb] for h [N, H] (tokens flattened: XLA:CPU gives
+  the backward dots plain layouts then); padded vocabulary columns -> -inf-ish."""
+  logits = jnp.einsum("nh,hv->nv", h, w_block, preferred_element_type=jnp.float32)
+  logits = layers.constrain(logits, ("batch", "vocab"))
   if vocab % vb:
     ids = j * vb + jnp.arange(vb)
     logits = jnp.where(ids < vocab, logits, jnp.finfo(jnp.float32).min)
@@ -123,11 +124,17 @@ def _split_vocab(w: jax.Array, vb: int, padded: int, dtype) -> jax.Array:
   return layers.constrain(blocks, (None, "embed", "vocab"))
 
 
+def _flat_tokens(h, targets, tasks):
+  """[B, L, H], [B, L], [B, L] -> [B*L, H], [B*L], [B*L]."""
+  return h.reshape(-1, h.shape[-1]), targets.reshape(-1), tasks.reshape(-1)
+
+
 def _fused_forward(h, w, targets, tasks, z_loss, vb, dtype):
   """Online log-sum-exp, target logit and first argmax over vocabulary blocks."""
   vocab = w.shape[1]
   _, padded = _vocab_blocks(vocab, vb)
   blocks = _split_vocab(w, vb, padded, dtype)
+  h, targets, tasks = _flat_tokens(h, targets, tasks)
   shape = targets.shape
   neg = jnp.finfo(jnp.float32).min
 
@@ -173,6 +180,8 @@ def _fused_stats_bwd(z_loss, vb, dtype, res, ct):
   each vocabulary block's logits are recomputed, its weight gradient [H, vb] is made and
   constrained to the weight's sharding (reduce-scattered block by block), and dh accumulates."""
   h, w, targets, tasks, lse = res
+  h_shape = h.shape
+  h, targets, tasks = _flat_tokens(h, targets, tasks)
   vocab = w.shape[1]
   _, padded = _vocab_blocks(vocab, vb)
   blocks = _split_vocab(w, vb, padded, dtype)
@@ -187,15 +196,15 @@ def _fused_stats_bwd(z_loss, vb, dtype, res, ct):
     local = targets - j * vb
     onehot = jax.nn.one_hot(local, vb, dtype=jnp.float32)  # all-zero rows outside the block
     dlogits = (p * g_soft[..., None] - onehot * g_ce[..., None]).astype(dtype)
-    dh = dh + jnp.einsum("blv,hv->blh", dlogits, w_block, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("blh,blv->hv", h, dlogits, preferred_element_type=jnp.float32)
+    dh = dh + jnp.einsum("nv,hv->nh", dlogits, w_block, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("nh,nv->hv", h, dlogits, preferred_element_type=jnp.float32)
     return dh, layers.constrain(dw, ("embed", "vocab"))
 
   dh, dw = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32),
                         (blocks, jnp.arange(padded // vb)))
   dw = jnp.moveaxis(dw, 0, 1).reshape(w.shape[0], padded)[:, :vocab]
   dw = layers.constrain(dw, ("embed", "vocab")).astype(w.dtype)
-  return dh.astype(h.dtype), dw, None, None
+  return dh.reshape(h_shape).astype(h.dtype), dw, None, None
 
 
 _fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd)
