@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from grain.experimental import ThreadPrefetchIterDataset
 
-from data_pipelines import errors, features
+from data_pipelines import audio_cache, errors, features
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import packing
 from data_pipelines import templates
@@ -83,17 +83,23 @@ class RecordEncoder:
 
   def __init__(self, tokenizer: tokenizers_lib.Tokenizer, *, feature_mode: str = "waveform",
                time_markers: bool = True, max_audio_seconds: float = math.inf,
-               prompt_only: bool = False):
+               prompt_only: bool = False, cache_mb: float = 0.0):
     self.tokenizer = tokenizer
     self.feature_mode = feature_mode
     self.time_markers = time_markers
     self.max_audio_seconds = max_audio_seconds
     self.prompt_only = prompt_only
+    self.cache = audio_cache.DecodedCache(int(cache_mb * 2**20))
 
   def load(self, raw: manifest_lib.RawLine):
-    """(sample, waveforms); raises BadRecordError."""
-    sample = manifest_lib.parse_line(raw.data, raw.manifest, raw.lineno)
-    return sample, manifest_lib.load_audios(sample, self.max_audio_seconds)
+    """(sample, waveforms); raises BadRecordError. Served from `cache` when data.audio_cache_mb
+    gives it room (the waveforms are read-only then)."""
+
+    def parse_and_decode():
+      sample = manifest_lib.parse_line(raw.data, raw.manifest, raw.lineno)
+      return sample, manifest_lib.load_audios(sample, self.max_audio_seconds)
+
+    return self.cache.get_or_load((raw.manifest, raw.lineno, raw.data), parse_and_decode)
 
   def encode(self, sample: manifest_lib.Sample, waves) -> templates.EncodedSample:
     fn = templates.encode_prompt if self.prompt_only else templates.encode_sample
@@ -389,7 +395,7 @@ def _encoder(config, tokenizer, prompt_only: bool = False) -> RecordEncoder:
   capacity = data.max_audio_chunks * batch_lib.CHUNK_SAMPLES / batch_lib.SAMPLE_RATE
   return RecordEncoder(tokenizer, feature_mode=data.feature_mode, time_markers=data.time_markers,
                        max_audio_seconds=min(data.max_audio_seconds, capacity),
-                       prompt_only=prompt_only)
+                       prompt_only=prompt_only, cache_mb=data.get("audio_cache_mb", 0.0))
 
 
 def rows_per_process(batch_size: int, process_count: int) -> int:

@@ -343,3 +343,55 @@ def test_pack_spec_uses_the_config(corpus):
   c = make_config(corpus, feature_mode="mel")
   tok = tokenizers.load_tokenizer(c.data.tokenizer)
   assert pipeline.pack_spec(c, 2, tok) == packing.PackSpec(2, 256, 3, "mel", tok.pad_id)
+
+
+def test_audio_cache_serves_later_epochs_and_still_counts_bad_records(corpus, bad_corpus):
+  c = make_config(corpus)
+  tok = tokenizers.load_tokenizer(c.data.tokenizer)
+  encoder = pipeline.RecordEncoder(tok, max_audio_seconds=c.data.max_audio_seconds, cache_mb=64)
+  spec = pipeline.pack_spec(c, 2, tok)
+  epochs = []
+  for _ in range(2):
+    it = pipeline.build_loader([bad_corpus["manifest"]], encoder, spec, shuffle=False,
+                               repeat=False)
+    epochs.append((list(it), it.bad_record_counts()))
+  (first, first_bad), (second, second_bad) = epochs
+  # Records that fail to load are never cached: the second epoch re-reads each one. The one
+  # that loads but does not fit a row is cached (packing rejects it, as often as it comes).
+  unloadable = sum(bad_corpus["expected"].values()) - bad_corpus["expected"][errors.DOES_NOT_FIT]
+  assert encoder.cache.misses == NUM_GOOD + 1 + 2 * unloadable
+  assert encoder.cache.hits == NUM_GOOD + 1 == len(encoder.cache)
+  assert first_bad == second_bad == dict(sorted(bad_corpus["expected"].items()))
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  # Without a cache the same batches come out.
+  plain = pipeline.RecordEncoder(tok, max_audio_seconds=c.data.max_audio_seconds)
+  again = list(pipeline.build_loader([bad_corpus["manifest"]], plain, spec, shuffle=False,
+                                     repeat=False))
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_decoded_cache_budget_order_and_pickling():
+  import pickle
+  from data_pipelines import audio_cache
+  cache = audio_cache.DecodedCache(max_bytes=3 * 4000)
+  load = lambda i: (lambda: (f"sample{i}", [np.full(1000, i, np.float32)]))  # 4000 bytes each
+  for i in range(3):
+    cache.get_or_load(i, load(i))
+  cache.get_or_load(0, load(0))  # 0 is now the most recently used
+  cache.get_or_load(3, load(3))  # evicts 1, the least recently used
+  assert len(cache) == 3 and cache.size_bytes == 12000
+  assert cache.get_or_load(0, load(99))[0] == "sample0"  # a hit
+  assert cache.get_or_load(1, load(1))[0] == "sample1"  # a miss again
+  sample, waves = cache.get_or_load(1, load(99))
+  with pytest.raises(ValueError, match="read-only"):
+    waves[0][0] = 5.0
+  too_big = audio_cache.DecodedCache(max_bytes=100)
+  too_big.get_or_load("a", load(1))
+  assert len(too_big) == 0
+  clone = pickle.loads(pickle.dumps(cache))
+  assert len(clone) == 0 and clone.max_bytes == cache.max_bytes
