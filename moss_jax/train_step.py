@@ -679,6 +679,40 @@ class Program:
   eval_step: Callable  # jitted (params, batch) -> stats
   waveform_transfer: str = "float32"  # data.waveform_transfer: the host -> device waveform form
   inexact_batches: int = 0  # batches whose waveform int16 rounded (not 16-bit sources)
+  _compiling: Any = None  # (thread, result dict) of compile_step_in_background
+  _compiled_step: Any = None  # its executable, used by step() once it exists
+
+  def compile_step_in_background(self) -> None:
+    """Starts compiling the train step for (abstract_state, abstract_batch) in a thread.
+
+    XLA compiles one program mostly on one core: started before the parameters are initialised
+    (whose own compile takes ~10 s of the demo's start on a 2-core CPU), the two overlap.
+    step() waits for it and then runs that executable; if the compile fails, or the executable
+    refuses the real arguments, step() falls back to the jitted function (which compiles then).
+    """
+    result: dict[str, Any] = {}
+
+    def compile_step():
+      try:
+        with sharding_lib.use_mesh(self.mesh):
+          result["compiled"] = self.train_step.lower(self.abstract_state,
+                                                     self.abstract_batch).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        result["error"] = e
+
+    thread = threading.Thread(target=compile_step, name="compile-train-step", daemon=True)
+    thread.start()
+    self._compiling = (thread, result)
+
+  def _take_background_compile(self) -> None:
+    thread, result = self._compiling
+    self._compiling = None
+    while thread.is_alive():
+      thread.join(0.5)  # a bounded wait, so a signal (StopSignal) can still interrupt it
+    if "error" in result:
+      logging.warning("compiling the train step ahead failed (%s); the first step compiles it",
+                      result["error"])
+    self._compiled_step = result.get("compiled")
 
   def state_from_params(self, params: PyTree) -> dict:
     """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
@@ -705,7 +739,16 @@ class Program:
     return host_batch_to_global(batch, self.batch_sharding)
 
   def step(self, state, batch):
+    if self._compiling is not None:
+      self._take_background_compile()
     with sharding_lib.use_mesh(self.mesh):
+      if self._compiled_step is not None:
+        try:
+          return self._compiled_step(state, batch)
+        except (TypeError, ValueError) as e:  # arguments unlike the abstract ones: checked first
+          logging.warning("the ahead-compiled train step refused the arguments (%s); using the "
+                          "jitted step", e)
+          self._compiled_step = None
       return self.train_step(state, batch)
 
   def evaluate(self, params, batch):

@@ -190,3 +190,24 @@ def test_initialisation_from_reference_format_directories(full_program, tmp_path
   fresh = init_params(c.model, jax.random.key(c.train.seed))
   assert _leaves_equal(fresh["language_model"], params["language_model"])
   assert not _leaves_equal(saved["language_model"], params["language_model"])
+
+
+def test_step_compiled_in_background_matches_the_jitted_step(caplog):
+  ahead, plain = _program(), _program()
+  ahead.compile_step_in_background()
+  batch = ts.synthetic_batch(ahead.config, seed=5)
+  states = [p.init_state(jax.random.key(0)) for p in (ahead, plain)]
+  outs = [p.step(s, p.global_batch(batch)) for p, s in zip((ahead, plain), states)]
+  assert ahead._compiled_step is not None  # the step ran the executable compiled ahead
+  assert _leaves_equal(outs[0], outs[1])
+  # An executable that refuses the real arguments (compiled for another batch shape here) is
+  # dropped with a warning, and the jitted step runs instead.
+  odd = _program()
+  odd.abstract_batch = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((a.shape[0] * 2,) + a.shape[1:], a.dtype, sharding=a.sharding),
+      odd.abstract_batch)
+  odd.compile_step_in_background()
+  out = odd.step(odd.init_state(jax.random.key(0)), odd.global_batch(batch))
+  assert odd._compiled_step is None
+  assert "refused the arguments" in caplog.text
+  assert _leaves_equal(out, outs[1])
