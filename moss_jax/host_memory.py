@@ -3,8 +3,8 @@
 XLA:CPU allocates each execution's temporary buffer (1.3 GB for the benchmark's mid shape) with
 malloc and frees it when the step ends. glibc serves an allocation that large with a fresh mmap
 from a thread's arena, so every step faults in (and the kernel zeroes) every page again: about
-336,000 minor faults and 1.1 s of system CPU per mid step on a 2-core machine, ~13% of its wall
-time (`python -m benchmarks.train_step_vs_torch`, docs/training.md has the figures).
+336,000 minor faults and 1.1 s of system CPU per step of the benchmark's mid shape on a 2-core
+machine, ~13% of its wall time (docs/training.md, "Benchmarks", has the figures).
 
 `retain_freed_memory()` tells glibc to serve every allocation from the main heap (one arena, no
 mmap) and never to trim it, so the next step's buffers land on pages already mapped. The price:
