@@ -679,8 +679,9 @@ class Program:
   eval_step: Callable  # jitted (params, batch) -> stats
   waveform_transfer: str = "float32"  # data.waveform_transfer: the host -> device waveform form
   inexact_batches: int = 0  # batches whose waveform int16 rounded (not 16-bit sources)
-  _compiling: Any = None  # (thread, result dict) of compile_step_in_background
-  _compiled_step: Any = None  # its executable, used by step() once it exists
+  # (thread, result dict) of compile_step_in_background, and its executable once step() took it.
+  _compiling: Any = dataclasses.field(default=None, init=False, repr=False)
+  _compiled_step: Any = dataclasses.field(default=None, init=False, repr=False)
 
   def compile_step_in_background(self) -> None:
     """Starts compiling the train step for (abstract_state, abstract_batch) in a thread.
@@ -700,7 +701,9 @@ class Program:
       except Exception as e:  # pylint: disable=broad-except
         result["error"] = e
 
-    thread = threading.Thread(target=compile_step, name="compile-train-step", daemon=True)
+    # Not a daemon: an interpreter exiting (Ctrl-C during the start) must wait for the compile,
+    # as it did when the main thread compiled; a compile killed mid-way aborts the process.
+    thread = threading.Thread(target=compile_step, name="compile-train-step")
     thread.start()
     self._compiling = (thread, result)
 
