@@ -124,6 +124,27 @@ def _jsonable(value):
   return value
 
 
+def summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without importing torch.
+
+  Imported on first use: only process 0 writes event files, and tensorboardX loads protobuf.
+  Its writer module imports torch when torch is installed (the [torch] extra), only to accept
+  torch tensors as values; that import is 1.5-2 s of every run's start-up, and we write floats.
+  While tensorboardX loads, `sys.modules["torch"] = None` makes `import torch` fail (Python's
+  documented way to block an import); torch stays importable afterwards.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to the console, TensorBoard and JSONL (on process 0 only)."""
 
@@ -137,10 +158,9 @@ class MetricWriter:
       return
     self._jsonl = paths.AppendFile(paths.run_path(workdir) / "metrics.jsonl")
     if tensorboard:
-      # Imported here: only process 0 writes event files, and tensorboardX loads protobuf.
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      writer_class = summary_writer_class()  # before paths imports any of tensorboardX
       paths.register_tensorboard_schemes()
-      self._tb = SummaryWriter(logdir=paths.join(workdir, "tensorboard"))
+      self._tb = writer_class(logdir=paths.join(workdir, "tensorboard"))
 
   def console(self, line: str) -> None:
     if self.enabled:
