@@ -104,7 +104,9 @@ def train_config(preset: str) -> ml_collections.ConfigDict:
   c.generate_max_tokens = 48 if preset == "demo" else 256
   c.export_at_end = False  # write the final step to WORKDIR/hf (reference format, bfloat16)
   # Operations (moss_jax/diagnostics.py, moss_jax/train_step.py):
-  c.compilation_cache_dir = ""  # "" = WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR); off
+  # XLA compilation cache: "" = $JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache
+  # for a bucket workdir (gs://), else the user's cache ~/.cache/moss_jax/xla; a path; or off
+  c.compilation_cache_dir = ""
   c.profile_start = 10  # first step of the jax.profiler trace (after compilation)
   c.profile_steps = 0  # steps to trace into WORKDIR/tensorboard (TensorBoard's profile tab); 0 = off
   c.watchdog_factor = 10.0  # log every thread's stack when a step takes this x the median; 0 = off

@@ -55,6 +55,7 @@ from data_pipelines import templates
 from moss_jax import batch as batch_lib
 from moss_jax import cli
 from moss_jax import decoding
+from moss_jax import diagnostics
 from moss_jax import generate
 from moss_jax.errors import UserError
 from moss_jax.metrics import summarize_stats
@@ -392,6 +393,7 @@ def main(argv: Sequence[str]) -> int:
       raise UserError(f"--manifest: no such file {path}")
   if f.batch_size < 1 or f.max_new_tokens < 1:
     raise UserError("--batch_size and --max_new_tokens must be >= 1")
+  diagnostics.setup_compilation_cache("", None)  # the user's cache: a rerun skips compiling
   mesh = generate.make_mesh()
   loaded = generate.load(f.checkpoint, mesh, f.step)
   report, records = score_manifest(loaded, f.manifest, mesh, tasks=f.task or None,

@@ -42,6 +42,7 @@ from data_pipelines import tokenizers
 from moss_jax import batch as batch_lib
 from moss_jax import checkpoint
 from moss_jax import cli
+from moss_jax import diagnostics
 from moss_jax import hf
 from moss_jax.hf import config_io
 from moss_jax import sharding as sharding_lib
@@ -331,6 +332,7 @@ def main(argv: Sequence[str]) -> int:
   if f.batch_size < 1 or f.window_seconds <= 0 or f.max_new_tokens < 1:
     raise UserError("--batch_size and --max_new_tokens must be >= 1, --window_seconds > 0")
   sampling = sampling_from_flags()
+  diagnostics.setup_compilation_cache("", None)  # the user's cache: a rerun skips compiling
   mesh = make_mesh()
   loaded = load(f.checkpoint, mesh, f.step)
   failed = 0

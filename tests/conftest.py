@@ -5,6 +5,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands the tests start without a configured cache (generate, evaluate, train on a local
+# workdir) use the user's compilation cache (moss_jax/diagnostics.py); keep tests out of ~/.cache.
+os.environ.setdefault("MOSS_JAX_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"moss_jax_test_cache_{os.getuid()}"))
 
 import pathlib  # noqa: E402
 

@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from moss_jax import diagnostics
 
@@ -59,15 +58,36 @@ def test_profiler_writes_a_trace_tensorboard_reads(tmp_path):
   assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
-def test_compilation_cache_defaults_to_the_workdir(tmp_path, monkeypatch):
+def test_compilation_cache_default_is_the_users_cache_or_the_buckets(tmp_path, monkeypatch):
   old = jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv(diagnostics.USER_CACHE_ENV, str(tmp_path / "mine"))
   try:
     jax.config.update("jax_compilation_cache_dir", None)
+    # A local workdir (or none: the evaluate/generate commands): the user's cache, for every run.
     got = diagnostics.setup_compilation_cache("", tmp_path / "run")
-    assert got == os.fspath(tmp_path / "run" / "compilation_cache")
+    assert got == os.fspath(tmp_path / "mine" / "xla")
     assert jax.config.jax_compilation_cache_dir == got
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert diagnostics.setup_compilation_cache("", None) == got
+    # A bucket workdir: its own cache, which the pod's hosts share and preemption keeps.
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert diagnostics.setup_compilation_cache("", "gs://bucket/run") == (
+        "gs://bucket/run/compilation_cache")
     # An explicit JAX setting (JAX_COMPILATION_CACHE_DIR) wins over the default.
-    assert diagnostics.setup_compilation_cache("", tmp_path / "other") == got
+    jax.config.update("jax_compilation_cache_dir", os.fspath(tmp_path / "team"))
+    assert diagnostics.setup_compilation_cache("", tmp_path / "other") == os.fspath(
+        tmp_path / "team")
+    assert diagnostics.setup_compilation_cache(os.fspath(tmp_path / "x"), tmp_path / "run") == (
+        os.fspath(tmp_path / "x"))
     assert diagnostics.setup_compilation_cache("off", tmp_path / "run") is None
   finally:
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_users_cache_follows_xdg(monkeypatch, tmp_path):
+  monkeypatch.delenv(diagnostics.USER_CACHE_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert diagnostics.user_cache_dir() == os.fspath(tmp_path / "xdg" / "moss_jax")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert diagnostics.user_cache_dir() == os.fspath(tmp_path / "home" / ".cache" / "moss_jax")

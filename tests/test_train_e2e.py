@@ -138,3 +138,22 @@ def test_bad_config_fails_fast_with_every_problem(tmp_path, cache_dir):
   assert proc.returncode == 2
   assert "micro-batch of 6 rows" in proc.stderr and "train.stage='everything'" in proc.stderr
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_rerun_in_a_new_workdir_takes_its_programs_from_the_users_cache(tmp_path):
+  """Without a configured cache, local runs share the user's compilation cache: the same
+  program run again in a fresh workdir loads the train step instead of compiling it."""
+  cfg = write_run_config(tmp_path, train__steps=2, train__checkpoint_every=0)
+  env = train_env("")
+  del env["JAX_COMPILATION_CACHE_DIR"]
+  env.update(MOSS_JAX_CACHE_DIR=str(tmp_path / "user_cache"), JAX_LOG_COMPILES="1")
+  first = _run(train_command(cfg, str(tmp_path / "a")), env)
+  _check_ok(first)
+  entries = os.listdir(tmp_path / "user_cache" / "xla")
+  assert any(e.startswith("jit_train_step-") for e in entries), entries
+  assert not (tmp_path / "a" / "compilation_cache").exists()
+  assert "Persistent compilation cache hit for 'jit_train_step'" not in first.stderr
+  second = _run(train_command(cfg, str(tmp_path / "b")), env)
+  _check_ok(second)
+  assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr, (
+      second.stderr[-4000:])
