@@ -38,3 +38,18 @@ def test_4b_tensor_manifest_shapes():
   assert lm["layers_0"]["self_attn"]["k_norm"]["scale"].shape == (128,)
   assert params["deepstack_audio_merger_list_2"]["down_proj"]["kernel"].shape == (8192, 2560)
   assert params["lm_head"]["kernel"].shape == (2560, 151936)
+
+
+def test_abstract_shapes_follow_a_changed_config():
+  """The traced init is kept per config content: a config changed in place gets new shapes, and
+  the axes and shapes handed out are the same for equal configs."""
+  c = pretrain.get_config("demo").model
+  before = M.abstract_params(c)
+  axes = M.param_logical_axes(c)
+  c.text.intermediate_size = 2 * c.text.intermediate_size
+  after = M.abstract_params(c)
+  mlp = lambda p: p["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].shape
+  assert mlp(after)[-1] == 2 * mlp(before)[-1]
+  c.text.intermediate_size //= 2
+  assert mlp(M.abstract_params(c)) == mlp(before)
+  assert M.param_logical_axes(c) == axes

@@ -6,6 +6,7 @@ Params are plain nested dicts of arrays (no Flax boxes): the logical axis names 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -37,15 +38,41 @@ def _boxed_init(model_config: ml_collections.ConfigDict, rng: jax.Array) -> PyTr
   return MossAudioModel(model_config).init(rng, *dummy_inputs(model_config))["params"]
 
 
+_ABSTRACT_CACHE: dict[str, PyTree] = {}
+_ABSTRACT_CACHE_KEEP = 8
+
+
+def _abstract_boxed(model_config: ml_collections.ConfigDict) -> PyTree:
+  """The boxed (logical-axis carrying) init as ShapeDtypeStructs, traced once per config.
+
+  Tracing the model's init costs ~0.5 s (demo) to seconds (4b), and a run asks for the shapes
+  and the axes several times (program, shardings, init): the result is kept by config content.
+  """
+  key = json.dumps(model_config.to_dict(), sort_keys=True, default=repr)
+  tree = _ABSTRACT_CACHE.pop(key, None)
+  if tree is None:
+    tree = jax.eval_shape(lambda r: _boxed_init(model_config, r), jax.random.key(0))
+  _ABSTRACT_CACHE[key] = tree  # most recently used last
+  while len(_ABSTRACT_CACHE) > _ABSTRACT_CACHE_KEEP:
+    del _ABSTRACT_CACHE[next(iter(_ABSTRACT_CACHE))]
+  return tree
+
+
 def abstract_params(model_config: ml_collections.ConfigDict) -> PyTree:
   """Pytree of jax.ShapeDtypeStruct (via jax.eval_shape: nothing is allocated)."""
-  return jax.eval_shape(lambda r: meta.unbox(_boxed_init(model_config, r)), jax.random.key(0))
+  return meta.unbox(_abstract_boxed(model_config))
 
 
 def param_logical_axes(model_config: ml_collections.ConfigDict) -> PyTree:
   """Pytree of PartitionSpec holding the logical axis names of every parameter."""
-  boxed = jax.eval_shape(lambda r: _boxed_init(model_config, r), jax.random.key(0))
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_abstract_boxed(model_config))
+
+
+# XLA:CPU compiles the init (one rolled Threefry loop per parameter tensor, ~900 small kernels)
+# in ~10 s at its default LLVM optimisation, as long as the demo's train step; at level 0 in
+# ~6 s. The init runs once, on a few MB. Its values may differ from an optimised build's in the
+# last bit (FMA contraction), deterministically: the same seed gives the same parameters.
+_CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def init_params(model_config: ml_collections.ConfigDict, rng: jax.Array,
@@ -53,8 +80,13 @@ def init_params(model_config: ml_collections.ConfigDict, rng: jax.Array,
   """Fresh params (param_dtype), created directly in their sharded layout when a mesh is given."""
   fn = lambda r: meta.unbox(_boxed_init(model_config, r))
   if mesh is None:
-    return jax.jit(fn)(rng)
-  return jax.jit(fn, out_shardings=param_shardings(model_config, mesh))(rng)
+    jitted, platform = jax.jit(fn), jax.default_backend()
+  else:
+    jitted = jax.jit(fn, out_shardings=param_shardings(model_config, mesh))
+    platform = mesh.devices.flat[0].platform
+  if platform != "cpu":
+    return jitted(rng)
+  return jitted.lower(rng).compile(_CPU_INIT_COMPILER_OPTIONS)(rng)
 
 
 def param_shardings(model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
