@@ -206,7 +206,7 @@ def run_decode(model, params, fields: Mapping[str, np.ndarray], prompt_len: np.n
   return np.asarray(jax.device_get(out))[:n]
 
 
-PROMPT_BUCKET = 64  # prompts are trimmed to a multiple of this: fewer distinct compiled shapes
+PROMPT_BUCKET = 64  # prompt widths are a multiple of this: fewer distinct compiled shapes
 
 
 def prompt_lengths(batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -222,8 +222,9 @@ def generate(model, params, batch: Mapping[str, np.ndarray], *, max_new_tokens: 
   `batch`: one prompt per row in the training schema (moss_jax/batch.py), right-padded (e.g.
   `stack_prompts` of make_generation_inputs rows): segment 1 from column 0, padding after.
   Each row's output holds its tokens, the stop token, then `pad_id`; `strip` turns a row into
-  the token list without the stop. Prompts are trimmed to the longest one (rounded up to
-  PROMPT_BUCKET), so a batch costs what its prompts need, not data.max_tokens.
+  the token list without the stop. The token fields are trimmed or padded to the longest prompt
+  rounded up to PROMPT_BUCKET, so a batch costs what its prompts need, not data.max_tokens, and
+  batches whose longest prompts differ by a few tokens share one compiled program.
   """
   fields = {k: np.asarray(v) for k, v in batch.items() if k not in ("labels", "task_ids")}
   lengths = prompt_lengths(fields)
@@ -232,10 +233,14 @@ def generate(model, params, batch: Mapping[str, np.ndarray], *, max_new_tokens: 
   if (lengths == 0).any() or (seg != (np.arange(width)[None] < lengths[:, None])).any():
     raise ValueError("every prompt row must be one segment (id 1) from column 0, then padding; "
                      f"rows with other layouts: {np.flatnonzero(lengths == 0).tolist() or 'some'}")
-  keep = min(width, -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET)
+  keep = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
   for name in batch_lib.TOKEN_FIELDS:
     if name in fields:
-      fields[name] = fields[name][:, :keep]
+      v = fields[name][:, :keep]
+      if v.shape[1] < keep:  # padding columns, as stack_prompts writes them
+        fill = -1 if name == "audio_token_index" else 0
+        v = np.concatenate([v, np.full((v.shape[0], keep - v.shape[1]), fill, v.dtype)], axis=1)
+      fields[name] = v
   return run_decode(model, params, fields, lengths, max_new_tokens=max_new_tokens,
                     stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, seed=seed, mesh=mesh,
                     min_rows=min_rows)

@@ -118,6 +118,33 @@ def test_batch_of_different_lengths_on_a_mesh_gives_each_prompt_its_own_tokens(t
   assert generate.strip(together[0], stop) == together[0, :5].tolist()
 
 
+def _backend_compiles(fn):
+  """(fn(), how many XLA compilations it ran) via jax.monitoring's compile-time events."""
+  events = []
+  listener = lambda name, secs, **kw: events.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    out = fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return out, events.count("/jax/core/compile/backend_compile_duration")
+
+
+def test_prompt_widths_in_one_bucket_share_one_compiled_program(tiny):
+  """Batches stacked to different widths (the longest prompt of each) decode with the same
+  program once their prompts round up to the same PROMPT_BUCKET, and give the same tokens."""
+  config, model, params = tiny
+  batch = _prompts(config, rows=2, seed=4)
+  longest = int(generate.prompt_lengths(batch).max())
+  assert longest < batch["input_ids"].shape[1]
+  run = lambda b: generate.generate(model, params, b, max_new_tokens=8, stop_ids=NO_STOP,
+                                    pad_id=PAD)
+  wide, first = _backend_compiles(lambda: run(batch))
+  narrow, again = _backend_compiles(lambda: run({k: v[:, :longest] for k, v in batch.items()}))
+  assert first >= 1 and again == 0, (first, again)
+  np.testing.assert_array_equal(wide, narrow)
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
   config, model, params = tiny
   batch = _prompts(config, rows=2, seed=7)
