@@ -21,7 +21,7 @@ from moss_jax import sharding
 from moss_jax import train_step as ts
 from moss_jax.model import MossAudioModel, init_params, param_shardings
 from moss_jax.model.mel import model_audio_mel
-from test_train_helpers import (REPO, run_config, tiny_config, train_command, train_env,
+from test_train_helpers import (REPO, tiny_config, train_command, train_env,
                                 write_run_config)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
