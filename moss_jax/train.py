@@ -280,7 +280,12 @@ class Run:
   def train(self) -> dict[str, Any]:
     cfg = self.config.train
     t_start = time.perf_counter()
-    step = self.restore_or_init()
+    try:
+      step = self.restore_or_init()  # compiles the init (and waits for nothing else)
+    except distributed.Stopped:
+      self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
+                          "same command to start")
+      return {"step": 0, "preempted": True, "started": False, "last": {}, "first_loss": None}
     start_step = step
     acc = metrics.Accumulator()
     max_skips = cfg.max_consecutive_skips
@@ -329,7 +334,8 @@ class Run:
     if preempted and step == start_step:
       self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
                           "same command to start")
-      return {"step": step, "preempted": True, "last": last_summary, "first_loss": None}
+      return {"step": step, "preempted": True, "started": False, "last": last_summary,
+              "first_loss": None}
     self._stop_if_diverged(step, pending, max_skips)
     self.save(step, force=True)
     self.checkpointer.wait()
@@ -422,7 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   except distributed.Stopped:
     print("stopped by signal during set-up; nothing to save, rerun the same command to start",
           flush=True)
-    return {"step": 0, "preempted": True, "last": {}, "first_loss": None}
+    return {"step": 0, "preempted": True, "started": False, "last": {}, "first_loss": None}
   try:
     return run.train()
   finally:
@@ -435,7 +441,11 @@ def main(argv) -> None:
   host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          mode=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if not result.get("started", True):
+    # Stopped before the first step: XLA may still be compiling (the init, the train step) on its
+    # own threads, and the interpreter's teardown would free JAX's client under them.
+    cli.exit_without_teardown(0)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from moss_jax import checkpoint
 from moss_jax import workdir_lock
-from test_train_helpers import read_metrics, train_command, train_env, write_run_config
+from test_train_helpers import (read_metrics, run_config, train_command, train_env,
+                                write_run_config)
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,53 @@ def test_sigterm_stops_a_run_stuck_on_rejected_records(tmp_path, cache_dir):
   assert "stopped by signal" in out
   assert "no usable training record" not in err, f"it ran to the end ({waited:.0f} s)"
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+@pytest.mark.parametrize("sig,code,message", [
+    (signal.SIGTERM, 0, "stopped by signal"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_while_the_start_compiles_ends_cleanly(tmp_path, sig, code, message):
+  """A stop (preemption's SIGTERM, Ctrl-C) while the parameter init and the train step compile:
+  no traceback (SIGTERM in the init was an uncaught Stopped), no crash at exit (the teardown under
+  an unfinished compile was a SIGSEGV), the workdir free for the rerun."""
+  cfg = write_run_config(tmp_path)
+  # An empty cache of its own: the run compiles, as a first run does.
+  env = train_env(str(tmp_path / "empty_cache"), PYTHONUNBUFFERED="1")
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(train_command(cfg, str(workdir)), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + TIMEOUT
+  while not (workdir / "checkpoints").exists():  # made at the end of set-up, as compiles start
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == code, err[-3000:]
+  assert message in out + err
+  assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+  assert not checkpoint.complete_steps(str(workdir / "checkpoints"))
+  _ok(_run(train_command(write_run_config(tmp_path / "again", train__steps=2), str(workdir)),
+           env))
+
+
+def test_sigterm_during_the_parameter_init_stops_before_the_first_step(tmp_path, monkeypatch):
+  """In-process, a real SIGTERM delivered as restore_or_init starts (where the init compiles):
+  the run reports a clean stop instead of raising Stopped out of train()."""
+  from moss_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  run = train_lib.Run(run_config({"train.steps": 2}), str(tmp_path / "run"))
+  try:
+    real_init = run.restore_or_init
+
+    def init_after_a_signal():
+      os.kill(os.getpid(), signal.SIGTERM)  # StopSignal's handler raises Stopped right here
+      return real_init()
+
+    monkeypatch.setattr(run, "restore_or_init", init_after_a_signal)
+    result = run.train()
+  finally:
+    run.close()
+  assert result["preempted"] and not result["started"] and result["step"] == 0
+  assert not checkpoint.complete_steps(str(tmp_path / "run" / "checkpoints"))
+  assert signal.getsignal(signal.SIGTERM) != run.stop._handle  # restored by close()
 
 
 # ----------------------------------------------------------------------------- checkpoints
