@@ -662,6 +662,7 @@ def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dic
 
 # ----------------------------------------------------------------------------- assembled program
 
+
 @dataclasses.dataclass
 class Program:
   """Everything compiled for one config on one mesh: the model, shardings and jitted steps."""
@@ -682,6 +683,7 @@ class Program:
   # (thread, result dict) of compile_step_in_background, and its executable once step() took it.
   _compiling: Any = dataclasses.field(default=None, init=False, repr=False)
   _compiled_step: Any = dataclasses.field(default=None, init=False, repr=False)
+  _create_state: Any = dataclasses.field(default=None, init=False, repr=False)
 
   def compile_step_in_background(self) -> None:
     """Starts compiling the train step for (abstract_state, abstract_batch) in a thread.
@@ -690,6 +692,10 @@ class Program:
     (whose own compile takes ~10 s of the demo's start on a 2-core CPU), the two overlap.
     step() waits for it and then runs that executable; if the compile fails, or the executable
     refuses the real arguments, step() falls back to the jitted function (which compiles then).
+    The thread then compiles the programs the run needs next, the fresh state's and the eval
+    step, whose first calls reuse them: the fresh state's compile (~2 s) then overlaps the
+    init's, and the eval step's (~5 s for the demo) the first steps; on a TPU/GPU host, whose
+    cores are idle while the devices train, that is time off the first evaluation.
     """
     result: dict[str, Any] = {}
 
@@ -700,12 +706,27 @@ class Program:
                                                      self.abstract_batch).compile()
       except Exception as e:  # pylint: disable=broad-except
         result["error"] = e
+      self._compile_next_programs()
 
     # Not a daemon: an interpreter exiting (Ctrl-C during the start) must wait for the compile,
     # as it did when the main thread compiled; a compile killed mid-way aborts the process.
     thread = threading.Thread(target=compile_step, name="compile-train-step")
     thread.start()
     self._compiling = (thread, result)
+
+  def _compile_next_programs(self) -> None:
+    """Compiles create_state and the eval step for the abstract arguments. The executables are
+    not kept here: JAX's in-memory caches (and the persistent cache) give them to the first real
+    calls, which lower to the same programs."""
+    for name, lower in (("create_state", lambda: self._create_state_jit().lower(
+                            self.abstract_params)),
+                        ("eval_step", lambda: self.eval_step.lower(self.abstract_params,
+                                                                   self.abstract_batch))):
+      try:
+        with sharding_lib.use_mesh(self.mesh):
+          lower().compile()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.info("compiling %s ahead failed (%s); its first call compiles it", name, e)
 
   def _take_background_compile(self) -> None:
     thread, result = self._compiling
@@ -717,13 +738,17 @@ class Program:
                       result["error"])
     self._compiled_step = result.get("compiled")
 
+  def _create_state_jit(self) -> Callable:
+    if self._create_state is None:  # one jitted function: its compiled program is reused
+      self._create_state = jax.jit(functools.partial(
+          create_state, optimizer=self.optimizer, stage=self.config.train.stage,
+          frozen_dtype=frozen_dtype(self.config)), out_shardings=self.state_shardings)
+    return self._create_state
+
   def state_from_params(self, params: PyTree) -> dict:
     """A fresh state (step 0, zero moments) around full `params`, in the state's shardings."""
     with sharding_lib.use_mesh(self.mesh):
-      return jax.jit(functools.partial(create_state, optimizer=self.optimizer,
-                                       stage=self.config.train.stage,
-                                       frozen_dtype=frozen_dtype(self.config)),
-                     out_shardings=self.state_shardings)(params)
+      return self._create_state_jit()(params)
 
   def init_state(self, rng: jax.Array) -> dict:
     with sharding_lib.use_mesh(self.mesh):

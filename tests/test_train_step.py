@@ -211,3 +211,47 @@ def test_step_compiled_in_background_matches_the_jitted_step(caplog):
   assert odd._compiled_step is None
   assert "refused the arguments" in caplog.text
   assert _leaves_equal(out, outs[1])
+
+
+_COMPILES_AFTER_THE_START = r'''
+import json
+import jax
+from test_train_helpers import tiny_config
+from moss_jax import sharding, train_step as ts
+from moss_jax.model import init_params
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration")
+    else None)
+c = tiny_config()
+out = {}
+for ahead in (False, True):  # the plain program first: nothing of it is compiled before
+  prog = ts.build_program(c, sharding.make_mesh(c.mesh))
+  if ahead:
+    prog.compile_step_in_background()
+    prog._compiling[0].join()  # the train step, then create_state and the eval step
+  params = init_params(c.model, jax.random.key(0), prog.mesh)
+  before = len(compiles)
+  state = prog.state_from_params(params)
+  after_state = len(compiles)
+  prog.evaluate(ts.full_params(state), prog.global_batch(ts.synthetic_batch(c, seed=1)))
+  out[str(ahead)] = [after_state - before, len(compiles) - after_state]
+print(json.dumps(out))
+'''
+
+
+def test_background_thread_also_compiles_create_state_and_the_eval_step():
+  """The programs a run needs after the train step (the fresh state's, the eval step) are
+  compiled in the background thread too: their first calls then compile nothing."""
+  import json
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compiles in this process only: none loaded
+  proc = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_THE_START], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # [create_state compiles, eval step compiles] at their first calls: without / with the thread.
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"False": [1, 1], "True": [0, 0]}
