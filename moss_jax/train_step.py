@@ -680,7 +680,8 @@ class Program:
   eval_step: Callable  # jitted (params, batch) -> stats
   waveform_transfer: str = "float32"  # data.waveform_transfer: the host -> device waveform form
   inexact_batches: int = 0  # batches whose waveform int16 rounded (not 16-bit sources)
-  # (thread, result dict) of compile_step_in_background, and its executable once step() took it.
+  # (thread, train-step-ready event, result dict) of compile_step_in_background, and the
+  # train step's executable once step() took it.
   _compiling: Any = dataclasses.field(default=None, init=False, repr=False)
   _compiled_step: Any = dataclasses.field(default=None, init=False, repr=False)
   _create_state: Any = dataclasses.field(default=None, init=False, repr=False)
@@ -698,6 +699,7 @@ class Program:
     cores are idle while the devices train, that is time off the first evaluation.
     """
     result: dict[str, Any] = {}
+    step_ready = threading.Event()  # step() waits for this, not for the programs after it
 
     def compile_step():
       try:
@@ -706,13 +708,14 @@ class Program:
                                                      self.abstract_batch).compile()
       except Exception as e:  # pylint: disable=broad-except
         result["error"] = e
+      step_ready.set()
       self._compile_next_programs()
 
     # Not a daemon: an interpreter exiting (Ctrl-C during the start) must wait for the compile,
     # as it did when the main thread compiled; a compile killed mid-way aborts the process.
     thread = threading.Thread(target=compile_step, name="compile-train-step")
     thread.start()
-    self._compiling = (thread, result)
+    self._compiling = (thread, step_ready, result)
 
   def _compile_next_programs(self) -> None:
     """Compiles create_state and the eval step for the abstract arguments. The executables are
@@ -729,10 +732,10 @@ class Program:
         logging.info("compiling %s ahead failed (%s); its first call compiles it", name, e)
 
   def _take_background_compile(self) -> None:
-    thread, result = self._compiling
+    _, step_ready, result = self._compiling
     self._compiling = None
-    while thread.is_alive():
-      thread.join(0.5)  # a bounded wait, so a signal (StopSignal) can still interrupt it
+    while not step_ready.wait(0.5):  # a bounded wait, so a signal (StopSignal) can interrupt it
+      pass
     if "error" in result:
       logging.warning("compiling the train step ahead failed (%s); the first step compiles it",
                       result["error"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +257,21 @@ def test_background_thread_also_compiles_create_state_and_the_eval_step():
   assert proc.returncode == 0, proc.stderr[-3000:]
   # [create_state compiles, eval step compiles] at their first calls: without / with the thread.
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"False": [1, 1], "True": [0, 0]}
+
+
+def test_first_step_does_not_wait_for_the_programs_compiled_after_it(monkeypatch):
+  """The background thread goes on to the eval step's compile after the train step's; the first
+  step runs as soon as the train step is ready (here the later compiles are held until then)."""
+  prog = _program()
+  release = threading.Event()
+  monkeypatch.setattr(prog, "_compile_next_programs", lambda: release.wait(120))
+  prog.compile_step_in_background()
+  thread = prog._compiling[0]
+  try:
+    state = prog.init_state(jax.random.key(0))
+    _, m = prog.step(state, prog.global_batch(ts.synthetic_batch(prog.config, seed=5)))
+    assert np.isfinite(float(m["loss"]))
+    assert thread.is_alive()  # the step ran while the thread still held the later compiles
+  finally:
+    release.set()
+    thread.join()
