@@ -68,6 +68,13 @@ def setup_compilation_cache(cache_dir: str, workdir: str | os.PathLike | None) -
       cache_dir = os.path.join(user_cache_dir(), "xla")
   else:
     cache_dir = os.fspath(paths.run_path(cache_dir))
+  if not paths.is_uri(cache_dir):
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:  # else JAX warns at every compile and caches nothing
+      logging.warning("compilation cache %s is not usable (%s); compiling without it", cache_dir,
+                      e.strerror or e)
+      return None
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   return cache_dir
 

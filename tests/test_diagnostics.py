@@ -91,3 +91,17 @@ def test_users_cache_follows_xdg(monkeypatch, tmp_path):
   monkeypatch.delenv("XDG_CACHE_HOME")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   assert diagnostics.user_cache_dir() == os.fspath(tmp_path / "home" / ".cache" / "moss_jax")
+
+
+def test_unusable_cache_directory_is_one_warning_and_no_cache(tmp_path, monkeypatch, caplog):
+  old = jax.config.jax_compilation_cache_dir
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  monkeypatch.setenv(diagnostics.USER_CACHE_ENV, str(blocker))
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert diagnostics.setup_compilation_cache("", tmp_path / "run") is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert "is not usable" in caplog.text
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)
