@@ -21,7 +21,7 @@ from moss_jax.model import attention, lora
 from moss_jax.model.layers import REMAT_POLICY_NAMES
 from moss_jax.model_config import DTYPES, num_mergers
 
-CONV_STEM_IMPLS = ("auto", "conv", "patches")  # moss_jax/model/encoder.py:STEM_IMPLS
+CONV_STEM_IMPLS = ("auto", "conv", "conv_matmul_bwd")  # moss_jax/model/encoder.py:STEM_IMPLS
 
 
 class ConfigError(UserError, ValueError):

@@ -40,8 +40,9 @@ AUDIO_DEFAULTS = dict(
     num_mel_bins=128,
     layer_norm_eps=1e-5,
     mel_dtype="bfloat16",  # the reference processor rounds the mel to bf16 before the stem
-    # auto | conv | patches: how the conv stem runs (moss_jax/model/encoder.py:stem_impl); auto
-    # picks a patch matmul on CPU from 32 channels, where XLA's strided-conv backward is slow.
+    # auto | conv | conv_matmul_bwd: how the conv stem runs (moss_jax/model/encoder.py:stem_impl);
+    # auto picks a matmul backward pass on CPU from 32 channels (XLA:CPU's strided-conv
+    # gradients are slow there).
     conv_stem_impl="auto",
 )
 TEXT_DEFAULTS = dict(

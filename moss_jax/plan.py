@@ -15,7 +15,8 @@ what XLA:TPU or XLA:GPU allocate (fusion, layouts, collectives and scheduling di
 margin. `model.attention=auto` means the blockwise attention here (a CPU compile), whose memory
 is close to the splash (TPU) and cuDNN (GPU) kernels'. Two CPU-only choices are set aside so the
 figure tracks an accelerator's: XLA:CPU's concurrency-first scheduler (the compile uses its
-memory-optimized one, `child_environment`) and the patch-matmul conv stem (`as_on_accelerator`).
+memory-optimized one, `child_environment`) and the conv stem's CPU-only matmul backward pass
+(`as_on_accelerator`).
 """
 
 from __future__ import annotations
@@ -114,10 +115,10 @@ def as_on_accelerator(config):
   """config with the CPU-dependent `auto` choices resolved as TPU and GPU resolve them.
 
   The plan is for an accelerator, compiled on CPU: `model.audio.conv_stem_impl=auto` would pick
-  the patch-matmul stem there (faster on XLA:CPU), whose float32 [chunks, 9 x channels] patch
-  matrices add about 0.6 GiB per device for the 4b preset at 8 chunk slots per device; TPU and
-  GPU run `lax.conv` (auto picks 'conv' there), so the plan compiles that. An explicit choice
-  stays.
+  the stem's matmul backward pass there (faster on XLA:CPU), whose float32 [chunks, 9 x
+  channels] tap matrices are temporary buffers an accelerator's convolution gradients do not
+  need; TPU and GPU run `lax.conv` and its gradients (auto picks 'conv' there), so the plan
+  compiles that. An explicit choice stays.
   """
   config = config.copy_and_resolve_references()
   if config.model.audio.get("conv_stem_impl", "auto") == "auto":

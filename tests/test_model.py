@@ -212,8 +212,9 @@ def test_bf16_layer_scan_saves_only_input_bits():
 
 
 def test_conv_stem_implementations_agree(remat_reference):
-  """The patch-matmul stem (auto on CPU from 32 channels) computes the lax.conv stem: same
-  parameters, same loss and gradients up to float32 summation order; both resolve as documented."""
+  """The stem with the matmul backward pass (auto on CPU from 32 channels) computes the lax.conv
+  stem: same parameters, same loss, gradients equal up to float32 summation order; both resolve
+  as documented."""
   from moss_jax.model import encoder
   params, batch, _ = remat_reference
 
@@ -223,19 +224,37 @@ def test_conv_stem_implementations_agree(remat_reference):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   l_conv, g_conv = loss_and_grad("conv")
-  l_patch, g_patch = loss_and_grad("patches")
-  np.testing.assert_allclose(l_patch, l_conv, rtol=1e-5)
+  l_mm, g_mm = loss_and_grad("conv_matmul_bwd")
+  np.testing.assert_array_equal(l_mm, l_conv)  # the forward pass is the same lax.conv
   stem = lambda g: {k: v for k, v in g["audio_encoder"].items() if k.startswith("conv")}
   assert stem(g_conv) and all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(stem(g_conv)))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4),
-               g_patch, g_conv)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g_mm, g_conv)
   cfg = tiny_config().audio
-  assert encoder.stem_impl(cfg) == "patches"  # 32 channels on the CPU backend
+  assert encoder.stem_impl(cfg) == "conv_matmul_bwd"  # 32 channels on the CPU backend
   cfg.downsample_hidden_size = 16
   assert encoder.stem_impl(cfg) == "conv"
   cfg.conv_stem_impl = "fft"
   with pytest.raises(ValueError, match="conv_stem_impl"):
     encoder.stem_impl(cfg)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 7, 9, 2), (3, 5, 4, 1)])
+def test_stride2_conv_matmul_backward_matches_autodiff(shape):
+  """Input and kernel gradients of the matmul backward pass equal lax.conv's autodiff gradients,
+  for even and odd heights/widths (the last input row/column of an odd size is read by one tap
+  only) and a single input channel (the stem's first convolution)."""
+  from moss_jax.model import encoder
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], 5)), jnp.float32)
+  y_ref, vjp_ref = jax.vjp(encoder._conv3x3_stride2, x, kernel)
+  y, vjp = jax.vjp(encoder.conv3x3_stride2_matmul_bwd, x, kernel)
+  np.testing.assert_array_equal(y, y_ref)
+  assert y.shape == (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), 5)
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_remat_policy_is_rejected():

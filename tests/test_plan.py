@@ -48,7 +48,7 @@ def test_plan_reports_per_device_memory_as_json():
   assert out["fits"] is (out["total"] <= 64 * 1024) and out["fits"] is False
   assert out["compile_seconds"] > 0 and "approximate" in out["note"]
   assert out["attention"] == "blockwise"  # auto on a CPU compile
-  assert out["conv_stem_impl"] == "conv"  # auto as on TPU / GPU, not CPU's patch matmul
+  assert out["conv_stem_impl"] == "conv"  # auto as on TPU / GPU, not CPU's matmul backward
 
 
 def test_plan_flag_errors_are_one_line():
@@ -90,5 +90,5 @@ def test_plan_compiles_the_accelerators_conv_stem():
   config = pretrain.get_config("demo")
   assert plan.as_on_accelerator(config).model.audio.conv_stem_impl == "conv"
   assert config.model.audio.conv_stem_impl == "auto"  # the caller's config is left as it was
-  config.model.audio.conv_stem_impl = "patches"
-  assert plan.as_on_accelerator(config).model.audio.conv_stem_impl == "patches"
+  config.model.audio.conv_stem_impl = "conv_matmul_bwd"
+  assert plan.as_on_accelerator(config).model.audio.conv_stem_impl == "conv_matmul_bwd"

@@ -22,37 +22,92 @@ Array = jax.Array
 # 128 mel bins after three stride-2 convolutions; the reference hard-codes it.
 CONV_FREQ_OUT = batch_lib.NUM_MEL_BINS // batch_lib.DOWNSAMPLE
 
-STEM_IMPLS = ("auto", "conv", "patches")
-# XLA:CPU runs a strided convolution's backward pass (the input gradient is a base-dilated
-# convolution, the kernel gradient a layout-transposing reduction) several times slower per FLOP
-# than a matmul. From this many channels on, the patch matmul is faster there (measured on a
-# 2-core AVX2 EPYC, stem forward + backward: 16 ch 0.33 vs 0.38 CPU-s (conv wins), 32 ch 0.92 vs
-# 0.77, 64 ch 1.60 vs 1.00).
-PATCHES_MIN_CHANNELS_ON_CPU = 32
+STEM_IMPLS = ("auto", "conv", "conv_matmul_bwd")
+# From this many stem channels on, the matmul backward pass beats XLA:CPU's convolution gradients
+# (`python -m benchmarks.conv_stem` on a 2-core AVX2 EPYC, stem forward + backward: 16 ch 0.97x,
+# 24 and 32 ch 1.11x, 64 ch 1.43x).
+MATMUL_BWD_MIN_CHANNELS_ON_CPU = 32
 
 
 def stem_impl(config: ml_collections.ConfigDict) -> str:
   """The conv stem's implementation: config.audio.conv_stem_impl, with 'auto' resolved.
 
-  'auto' is 'patches' on a CPU backend with >= PATCHES_MIN_CHANNELS_ON_CPU channels and 'conv'
-  otherwise (TPU and GPU have native convolutions).
+  'auto' is 'conv_matmul_bwd' on a CPU backend with >= MATMUL_BWD_MIN_CHANNELS_ON_CPU channels
+  and 'conv' otherwise (TPU and GPU have native convolutions and convolution gradients).
   """
   impl = config.get("conv_stem_impl", "auto")
   if impl not in STEM_IMPLS:
     raise ValueError(f"audio.conv_stem_impl must be one of {STEM_IMPLS}, got {impl!r}")
   if impl == "auto":
-    wide = config.downsample_hidden_size >= PATCHES_MIN_CHANNELS_ON_CPU
-    impl = "patches" if jax.default_backend() == "cpu" and wide else "conv"
+    wide = config.downsample_hidden_size >= MATMUL_BWD_MIN_CHANNELS_ON_CPU
+    impl = "conv_matmul_bwd" if jax.default_backend() == "cpu" and wide else "conv"
   return impl
+
+
+def _conv3x3_stride2(x: Array, kernel: Array) -> Array:
+  """x [N, H, W, C_in], kernel [3, 3, C_in, C_out] -> [N, ceil(H/2), ceil(W/2), C_out], padding 1."""
+  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _stride2_taps(x: Array, ho: int, wo: int) -> Array:
+  """The nine inputs each output position reads, [N, Ho, Wo, 9 * C_in], in the kernel's
+  [3, 3, C_in] order (tap-major): what one matmul with the flattened kernel needs."""
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([xp[:, a:a + 2 * ho - 1:2, b:b + 2 * wo - 1:2, :]
+                          for a in range(3) for b in range(3)], axis=-1)
+
+
+def _fold_taps(t: Array, axis: int) -> Array:
+  """[.., M, 3, ..] (spatial `axis`, tap axis after it) -> [.., 2M, ..]: adds each tap's values
+  where that tap read them. Input row 2m is read by tap 1 of output m; row 2m + 1 by tap 2 of
+  output m and tap 0 of output m + 1 (the padding row -1 is dropped)."""
+  tap = lambda i: jax.lax.index_in_dim(t, i, axis + 1, keepdims=False)
+  next_row = jax.lax.slice_in_dim(tap(0), 1, None, axis=axis)
+  pads = [(0, 0)] * next_row.ndim
+  pads[axis] = (0, 1)
+  folded = jnp.stack([tap(1), tap(2) + jnp.pad(next_row, pads)], axis=axis + 1)
+  shape = list(folded.shape)
+  return folded.reshape(shape[:axis] + [2 * shape[axis]] + shape[axis + 2:])
+
+
+@jax.custom_vjp
+def conv3x3_stride2_matmul_bwd(x: Array, kernel: Array) -> Array:
+  """`_conv3x3_stride2` whose backward pass is two matmuls and strided adds.
+
+  XLA:CPU runs the autodiff backward of a strided convolution (a base-dilated convolution for
+  the input, a layout-transposing reduction for the kernel) several times slower per FLOP than
+  a matmul. Here the input gradient is dy @ kernel^T per tap, each tap's [N, Ho, Wo, C_in]
+  folded back onto the stride-2 grid it read (`_fold_taps`: no multiplications by inserted
+  zeros), and the kernel gradient one matmul of the taps with dy. Same sums as the autodiff
+  gradient in a different order (float32 rounding only). `python -m benchmarks.conv_stem`
+  times both backward passes of the stem side by side.
+  """
+  return _conv3x3_stride2(x, kernel)
+
+
+def _conv_fwd(x, kernel):
+  return _conv3x3_stride2(x, kernel), (x, kernel)
+
+
+def _conv_bwd(residuals, dy):
+  x, kernel = residuals
+  _, h, w, c_in = x.shape
+  _, ho, wo, c_out = dy.shape
+  dkernel = jnp.einsum("nhwk,nhwo->ko", _stride2_taps(x, ho, wo), dy).reshape(kernel.shape)
+  per_tap = jnp.einsum("nhwo,abio->nhawbi", dy, kernel)  # [N, Ho, 3, Wo, 3, C_in]
+  dx = _fold_taps(_fold_taps(per_tap, 1), 2)[:, :h, :w]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv3x3_stride2_matmul_bwd.defvjp(_conv_fwd, _conv_bwd)
 
 
 class StemConv(nn.Module):
   """3x3, stride 2, padding 1 convolution over NHWC, with nn.Conv's parameters and init.
 
-  impl 'conv' is `lax.conv_general_dilated` (exactly what nn.Conv runs). impl 'patches' gathers
-  the nine stride-2 taps of the padded input onto the channel axis ([.., 9 * C_in], tap-major as
-  the flattened [3, 3, C_in, C_out] kernel) and does one matmul: the same sums in a different
-  order (float32 rounding differences only), and a backward pass made of matmuls and pads.
+  Both implementations run `lax.conv_general_dilated` forward (exactly what nn.Conv runs); impl
+  'conv_matmul_bwd' replaces its backward pass (`conv3x3_stride2_matmul_bwd`).
   """
   features: int
   impl: str
@@ -69,18 +124,8 @@ class StemConv(nn.Module):
                                                            ("conv_out",)),
                       (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if self.impl == "conv":
-      y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    else:
-      n, h, w, _ = x.shape
-      ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-      xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      taps = [xp[:, a:a + 2 * ho - 1:2, b:b + 2 * wo - 1:2, :] for a in range(3) for b in range(3)]
-      patches = jnp.concatenate(taps, axis=-1)  # [N, Ho, Wo, 9 * C_in]
-      y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(9 * c_in, self.features))
-    return y + bias
-
+    conv = conv3x3_stride2_matmul_bwd if self.impl == "conv_matmul_bwd" else _conv3x3_stride2
+    return conv(x, kernel) + bias
 
 
 class EncoderAttention(nn.Module):
