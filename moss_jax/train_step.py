@@ -298,8 +298,9 @@ def make_stats_fn(model, model_config, z_loss: float = 0.0
     hidden = forward(params, batch, dropout_rng)
     # The fused loss reads lm_head's kernel itself: LoRA on lm_head enters merged (no dropout).
     kernel = lora.merged_kernel(params["lm_head"], lora.spec_from_config(model_config))
-    return chunked_token_stats(hidden, kernel, batch["labels"],
-                               batch["task_ids"], z_loss, chunk, vocab_block, dtype)
+    with jax.named_scope("loss"):  # names the ops in profiles (benchmarks/step_profile.py)
+      return chunked_token_stats(hidden, kernel, batch["labels"],
+                                 batch["task_ids"], z_loss, chunk, vocab_block, dtype)
 
   return stats_fn
 
@@ -424,7 +425,8 @@ def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
     # afterwards (a parameter-sized temporary).
     denom = jnp.maximum(label_count(batch["labels"]), 1.0)
     grads, stats = accumulate(state["params"], state["frozen"], batch, denom, state["step"])
-    grad_norm = global_norm(grads)
+    with jax.named_scope("grad_norm"):
+      grad_norm = global_norm(grads)
     loss = (stats["ce_sum"] + stats["z_loss_sum"]) / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -436,9 +438,10 @@ def make_train_step(stats_fn: Callable, optimizer: optax.GradientTransformation,
     def update(params, opt_state):
       # Scaling inside the update lets XLA fuse it into the moment updates; a separate clipped
       # copy of the gradients would be one more gradient-sized buffer.
-      clipped = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
-      directions, new_opt = optimizer.update(clipped, opt_state, params)
-      return optax.apply_updates(params, optim.apply_lr(directions, lr)), new_opt
+      with jax.named_scope("optimizer"):
+        clipped = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+        directions, new_opt = optimizer.update(clipped, opt_state, params)
+        return optax.apply_updates(params, optim.apply_lr(directions, lr)), new_opt
 
     # A cond, not a select between new and old values: the select keeps the old parameters and
     # moments alive next to the new ones, so XLA copies a state-sized buffer to update in place.

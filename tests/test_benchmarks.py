@@ -46,3 +46,45 @@ def test_both_frameworks_build_the_same_model(shape, params, monkeypatch):
   assert sum(p.numel() for p in ref.parameters()) == n_jax
   if params:
     assert n_jax == params
+
+
+def test_step_profile_areas_follow_scopes_and_module_paths():
+  from benchmarks import step_profile as sp
+  assert sp.area_of("jit(train_step)/transpose(jvp(loss))/while/body/dot_general") == "loss"
+  assert sp.area_of("jit(train_step)/cond/branch_1_fun/optimizer/mul") == "optimizer"
+  stem = "jvp(MossAudioModel.hidden_states)/MossAudioModel.encode_audio/audio_encoder/audio_encoder.stem/mul"
+  assert sp.area_of(stem) == "conv_stem"
+  assert sp.area_of("jvp(x)/audio_encoder/layers/self_attn/q_proj/dot_general") == "encoder_layers"
+  assert sp.area_of("jvp(x)/language_model/closed_call/layers/self_attn/exp") == "llm_attention"
+  assert sp.area_of("jvp(x)/MossAudioModel.embed_with_audio/jit(take_along_axis)") == "llm_other"
+  assert sp.area_of("jit(train_step)/lossy_name/add") == "other"
+  assert sp.area_of("") == "other"
+
+
+def test_step_profile_reads_a_real_trace(tmp_path):
+  """A jitted function with an `optimizer` scope, profiled for real: its ops are found in the
+  trace by instruction name, with time, in the optimizer area; an instruction XLA left without
+  metadata takes its operand's op_name."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import step_profile as sp
+
+  def f(x, w):
+    with jax.named_scope("optimizer"):
+      return jnp.sum(jnp.tanh(x @ w) * 2.0)
+
+  x, w = np.ones((256, 256), np.float32), np.full((256, 256), 0.01, np.float32)
+  compiled = jax.jit(f).lower(x, w).compile()
+  info = sp.instructions(compiled.as_text())
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      jax.block_until_ready(compiled(x, w))
+  totals = sp.op_times(str(tmp_path), info)
+  assert totals and all(ns > 0 for ns in totals.values())
+  assert {sp.area_of(info[name][1]) for name in totals} == {"optimizer"}
+
+  hlo = ("ENTRY %main (p: f32[4]) -> f32[4] {\n"
+         '  %a = f32[4]{0} add(%p, %p), metadata={op_name="jit(f)/optimizer/add"}\n'
+         "  ROOT %copy.1 = f32[4]{0} copy(%a)\n}\n")
+  assert sp.instructions(hlo)["copy.1"] == ("f32[4]{0}", "jit(f)/optimizer/add")
