@@ -12,7 +12,7 @@ from moss_jax.model import abstract_params, count_params
 def test_run_discovers_benchmarks_and_their_quick_flag():
   found = run.discover()
   assert found["train_step_vs_torch"] is True and found["train_step"] is True
-  assert found["conv_stem"] is True
+  assert found["conv_stem"] is True and found["step_variants"] is True and found["step_profile"]
   assert "run" not in found and "common" not in found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -129,3 +130,24 @@ def test_make_mesh_fills_minus_one():
     sharding.make_mesh(mesh_config((2, 2, 1)))
   with pytest.raises(ValueError, match="more than one -1"):
     sharding.make_mesh(mesh_config((-1, -1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2)])
+def test_sharded_gradients_with_the_stems_matmul_backward_match_single_device(shape, reference):
+  """The conv stem's custom backward pass (`conv_matmul_bwd`: taps, folds, einsums) under data,
+  FSDP and tensor sharding gives the single-device gradients."""
+  cfg, params, batch, _ = reference
+  cfg = cfg.copy_and_resolve_references()
+  cfg.audio.conv_stem_impl = "conv_matmul_bwd"
+  model = M.MossAudioModel(cfg)
+  loss = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, *(b[k] for k in ARGS))))
+  want = jax.jit(jax.grad(loss))(params, batch)
+  mesh = sharding.make_mesh(mesh_config(shape))
+  sharded_params = jax.device_put(params, M.param_shardings(cfg, mesh))
+  sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  with sharding.use_mesh(mesh):
+    got = jax.jit(jax.grad(loss))(sharded_params, sharded_batch)
+  stem = got["audio_encoder"]["conv2"]["kernel"]
+  assert float(jnp.abs(stem).max()) > 0
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6,
+                                                       rtol=1e-4), got, want)
