@@ -121,17 +121,14 @@ def op_times(trace_dir: str, names) -> collections.Counter:
   return totals
 
 
-def profile(shape: str, overrides: dict[str, str], steps: int, trace_dir: str):
+def profile(config, steps: int, trace_dir: str):
   """(untraced step seconds, {instruction: ns over the traced steps}, instruction info)."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, common.REPO)
   from moss_jax import host_memory
   host_memory.retain_freed_memory_on_cpu()
   import jax
   from moss_jax import sharding
   from moss_jax import train_step as ts
 
-  config = vs_torch.model_config(shape, overrides)
   mesh = sharding.make_mesh(config.mesh)
   program = ts.build_program(config, mesh)
   state = program.init_state(jax.random.key(0))
@@ -166,8 +163,15 @@ def main(argv=None) -> int:
   if args.quick:
     args.shape, args.steps = "demo", 1
   overrides = dict(kv.split("=", 1) for kv in args.set.split(",") if kv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, common.REPO)
+  from moss_jax.config_validation import ConfigError
+  try:
+    config = vs_torch.checked_model_config(args.shape, overrides)
+  except (ValueError, ConfigError) as e:
+    parser.error(str(e))
   with tempfile.TemporaryDirectory() as tmp:
-    seconds, totals, info = profile(args.shape, overrides, args.steps, args.trace_dir or tmp)
+    seconds, totals, info = profile(config, args.steps, args.trace_dir or tmp)
   step_ms = statistics.median(seconds) * 1e3
   per_step = lambda ns: ns / 1e6 / args.steps
   by_area = collections.Counter()

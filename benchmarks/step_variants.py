@@ -37,9 +37,15 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.shape, args.steps = "demo", 3
-  variants = vs_torch.parse_variants(args.variants)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, common.REPO)
+  from moss_jax.config_validation import ConfigError
+  try:
+    variants = vs_torch.parse_variants(args.variants)
+    configs = {name: vs_torch.checked_model_config(args.shape, overrides)
+               for name, overrides in variants.items()}
+  except (ValueError, ConfigError) as e:
+    parser.error(str(e))
   from moss_jax import host_memory
   host_memory.retain_freed_memory_on_cpu()
   import jax
@@ -48,7 +54,7 @@ def main(argv=None) -> int:
 
   runs = {}
   for name, overrides in variants.items():
-    config = vs_torch.model_config(args.shape, overrides)
+    config = configs[name]
     mesh = sharding.make_mesh(config.mesh)
     program = ts.build_program(config, mesh)
     state = program.init_state(jax.random.key(0))

@@ -64,8 +64,12 @@ def apply_overrides(config, overrides: dict[str, str]):
     node = config
     *path, leaf = key.split(".")
     for p in path:
+      if p not in node:
+        raise ValueError(f"{key}={raw}: the config has no field {p!r}")
       node = node[p]
-    old = node[leaf] if leaf in node else None
+    if leaf not in node:
+      raise ValueError(f"{key}={raw}: the config has no field {leaf!r}")
+    old = node[leaf]
     node[leaf] = raw if isinstance(old, str) else ast.literal_eval(raw)
   return config
 
@@ -90,6 +94,15 @@ def model_config(shape: str, overrides: dict[str, str] | None = None):
   c.data.feature_mode = "mel"
   c.mesh.shape = (1, 1, 1)
   return apply_overrides(c, overrides or {})
+
+
+def checked_model_config(shape: str, overrides: dict[str, str] | None = None):
+  """`model_config`, validated as `moss_jax.train` validates a run's config (one device, no
+  paths): raises ConfigError naming each bad setting, before anything compiles."""
+  from moss_jax import config_validation
+  config = model_config(shape, overrides)
+  config_validation.validate(config, num_devices=1, check_paths=False)
+  return config
 
 
 AUDIO_ID = 3  # placeholder id in both frameworks' inputs

@@ -31,6 +31,11 @@ def test_variants_and_overrides():
   assert config.model.scan_unroll == 1 and config.model.audio.conv_stem_impl == "conv"
   with pytest.raises(ValueError, match="no variant"):
     vs_torch.parse_variants(" ; ")
+  with pytest.raises(ValueError, match="no field 'attentoin'"):  # a typo is not a new field
+    vs_torch.model_config("mid", {"model.attentoin": "xla"})
+  from moss_jax.config_validation import ConfigError
+  with pytest.raises(ConfigError, match="conv_stem_impl='patches'"):
+    vs_torch.checked_model_config("demo", {"model.audio.conv_stem_impl": "patches"})
 
 
 @pytest.mark.parametrize("shape,params", [("mid", 36_281_600), ("demo", None)])
