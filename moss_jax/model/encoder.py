@@ -24,8 +24,8 @@ CONV_FREQ_OUT = batch_lib.NUM_MEL_BINS // batch_lib.DOWNSAMPLE
 
 STEM_IMPLS = ("auto", "conv", "conv_matmul_bwd")
 # From this many stem channels on, the matmul backward pass beats XLA:CPU's convolution gradients
-# (`python -m benchmarks.conv_stem` on a 2-core AVX2 EPYC, stem forward + backward: 16 ch 0.81-0.97x,
-# 24 and 32 ch 1.11x, 64 ch 1.43x).
+# (`python -m benchmarks.conv_stem` on a 2-core AVX2 EPYC, stem forward + backward: 16 ch
+# 0.81-0.97x, 24 and 32 ch 1.11x, 64 ch 1.43x).
 MATMUL_BWD_MIN_CHANNELS_ON_CPU = 32
 
 
