@@ -5,9 +5,10 @@
 Runs the real stem (`AudioEncoder.stem`: three 3x3 stride-2 convolutions with GELU, then the
 projection) of the demo model (16 channels, 32 chunk slots: 8 rows x 4 chunks) and of the
 `train_step_vs_torch` mid shape (64 channels, 16 chunk slots) on one device: value and gradient
-with respect to the parameters (training never differentiates the mel). The implementations alternate call by call within
-one process, so both see the same machine load; the figure is each one's median, beside
-`conv` (XLA's own convolution gradients) and with the largest gradient difference from it.
+with respect to the parameters (training never differentiates the mel). The implementations
+alternate call by call within one process, so both see the same machine load; the figure is
+each one's median, beside `conv` (XLA's own convolution gradients), with the largest gradient
+difference from it.
 """
 
 from __future__ import annotations

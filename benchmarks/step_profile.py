@@ -100,7 +100,8 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
         return found
     return ""
 
-  return {name: (shape, op_name or inherited(name, set())) for name, (shape, op_name) in out.items()}
+  return {name: (shape, op_name or inherited(name, set()))
+          for name, (shape, op_name) in out.items()}
 
 
 def op_times(trace_dir: str, names) -> collections.Counter:

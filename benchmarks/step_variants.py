@@ -1,7 +1,7 @@
 """Config variants of one train step, in one process, their steps interleaved: paired timings.
 
     python -m benchmarks.step_variants [--shape mid|demo] [--steps 12]
-        [--variants "conv:model.audio.conv_stem_impl=conv;mm:model.audio.conv_stem_impl=conv_matmul_bwd"]
+        [--variants "conv:model.audio.conv_stem_impl=conv;b:model.audio.conv_stem_impl=..."]
         [--quick]
 
 For settings whose effect is a few percent, which separate processes on a shared machine cannot

@@ -57,7 +57,8 @@ def test_step_profile_areas_follow_scopes_and_module_paths():
   from benchmarks import step_profile as sp
   assert sp.area_of("jit(train_step)/transpose(jvp(loss))/while/body/dot_general") == "loss"
   assert sp.area_of("jit(train_step)/cond/branch_1_fun/optimizer/mul") == "optimizer"
-  stem = "jvp(MossAudioModel.hidden_states)/MossAudioModel.encode_audio/audio_encoder/audio_encoder.stem/mul"
+  stem = ("jvp(MossAudioModel.hidden_states)/MossAudioModel.encode_audio/audio_encoder/"
+          "audio_encoder.stem/mul")
   assert sp.area_of(stem) == "conv_stem"
   assert sp.area_of("jvp(x)/audio_encoder/layers/self_attn/q_proj/dot_general") == "encoder_layers"
   assert sp.area_of("jvp(x)/language_model/closed_call/layers/self_attn/exp") == "llm_attention"

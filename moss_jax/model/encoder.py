@@ -45,7 +45,8 @@ def stem_impl(config: ml_collections.ConfigDict) -> str:
 
 
 def _conv3x3_stride2(x: Array, kernel: Array) -> Array:
-  """x [N, H, W, C_in], kernel [3, 3, C_in, C_out] -> [N, ceil(H/2), ceil(W/2), C_out], padding 1."""
+  """x [N, H, W, C_in], kernel [3, 3, C_in, C_out] -> [N, ceil(H/2), ceil(W/2), C_out]
+  (padding 1)."""
   return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
