@@ -93,8 +93,9 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     if op_name or name in seen:
       return op_name
     seen.add(name)
-    for inner in op_names_in.get(calls.get(name), []):
-      return inner
+    inner = op_names_in.get(calls.get(name))
+    if inner:
+      return inner[0]
     for operand in operands.get(name, []):
       if operand in out and (found := inherited(operand, seen)):
         return found
@@ -127,28 +128,17 @@ def profile(config, steps: int, trace_dir: str):
   from moss_jax import host_memory
   host_memory.retain_freed_memory_on_cpu()
   import jax
-  from moss_jax import sharding
-  from moss_jax import train_step as ts
 
-  mesh = sharding.make_mesh(config.mesh)
-  program = ts.build_program(config, mesh)
-  state = program.init_state(jax.random.key(0))
-  batch = program.global_batch(vs_torch.jax_batch(config, vs_torch.batch_arrays(config)))
-  compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
-  info = instructions(compiled.as_text())
+  step = vs_torch.JaxStep(config)
+  info = instructions(step.compiled.as_text())
   seconds = []
-  with sharding.use_mesh(mesh):
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+  for _ in range(steps):
+    start = time.perf_counter()
+    step.run()
+    seconds.append(time.perf_counter() - start)
+  with jax.profiler.trace(trace_dir):
     for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      seconds.append(time.perf_counter() - start)
-    with jax.profiler.trace(trace_dir):
-      for _ in range(steps):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+      step.run()
   return seconds, op_times(trace_dir, info), info
 
 

@@ -48,31 +48,15 @@ def main(argv=None) -> int:
     parser.error(str(e))
   from moss_jax import host_memory
   host_memory.retain_freed_memory_on_cpu()
-  import jax
-  from moss_jax import sharding
-  from moss_jax import train_step as ts
 
-  runs = {}
-  for name, overrides in variants.items():
-    config = configs[name]
-    mesh = sharding.make_mesh(config.mesh)
-    program = ts.build_program(config, mesh)
-    state = program.init_state(jax.random.key(0))
-    batch = program.global_batch(vs_torch.jax_batch(config, vs_torch.batch_arrays(config)))
-    step = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
-    with sharding.use_mesh(mesh):
-      state, metrics = step(state, batch)  # warm-up
-      jax.block_until_ready(metrics)
-    runs[name] = {"mesh": mesh, "step": step, "state": state, "batch": batch, "wall": [],
-                  "cpu": [], "overrides": overrides}
+  runs = {name: {"step": vs_torch.JaxStep(configs[name]), "wall": [], "cpu": [],
+                 "overrides": overrides} for name, overrides in variants.items()}
   for _ in range(args.steps):
     for run in runs.values():
-      with sharding.use_mesh(run["mesh"]):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run["state"], metrics = run["step"](run["state"], run["batch"])
-        jax.block_until_ready(metrics)
-        run["wall"].append(time.perf_counter() - wall)
-        run["cpu"].append(time.process_time() - cpu)
+      wall, cpu = time.perf_counter(), time.process_time()
+      run["step"].run()
+      run["wall"].append(time.perf_counter() - wall)
+      run["cpu"].append(time.process_time() - cpu)
   base_name = next(iter(runs))
   base = runs[base_name]
   for name, run in runs.items():

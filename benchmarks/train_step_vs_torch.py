@@ -144,35 +144,50 @@ def jax_batch(config, arrays: dict) -> dict:
   return out
 
 
+class JaxStep:
+  """moss_jax's train step for `config` on its (one-device) mesh, ready to time: the program,
+  a fresh state, the benchmark batch, the step compiled ahead and run once (the warm-up).
+  Call `retain_freed_memory_on_cpu` first, as `moss_jax.train` does, before the backend starts.
+  """
+
+  def __init__(self, config):
+    import jax
+    from moss_jax import sharding
+    from moss_jax import train_step as ts
+    self.mesh = sharding.make_mesh(config.mesh)
+    program = ts.build_program(config, self.mesh)
+    self.state = program.init_state(jax.random.key(0))
+    self.batch = program.global_batch(jax_batch(config, batch_arrays(config)))
+    start = time.perf_counter()
+    self.compiled = program.train_step.lower(program.abstract_state,
+                                             program.abstract_batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.first_loss = float(self.run()["loss"])
+
+  def run(self) -> dict:
+    """One step (the state advances); its metrics once the step has finished."""
+    import jax
+    from moss_jax import sharding
+    with sharding.use_mesh(self.mesh):
+      self.state, metrics = self.compiled(self.state, self.batch)
+      return jax.block_until_ready(metrics)
+
+
 def run_jax(shape: str, steps: int, overrides: dict[str, str]) -> dict:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
-  from moss_jax import flops, host_memory, sharding
-  from moss_jax import train_step as ts
+  from moss_jax import flops, host_memory
   from moss_jax.model import count_params
   from moss_jax.model import encoder
 
   host_memory.retain_freed_memory_on_cpu()  # as `moss_jax.train` does, before the backend starts
   config = model_config(shape, overrides)
-  mesh = sharding.make_mesh(config.mesh)
-  prog = ts.build_program(config, mesh)
-  state = prog.init_state(jax.random.key(0))
-  batch = prog.global_batch(jax_batch(config, batch_arrays(config)))
-  t0 = time.perf_counter()
-  compiled = prog.train_step.lower(prog.abstract_state, prog.abstract_batch).compile()
-  compile_s = time.perf_counter() - t0
-  times = []
-  with sharding.use_mesh(mesh):
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    first_loss = float(m["loss"])
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
+  step = JaxStep(config)
+  times = [_timed(step.run) for _ in range(steps)]
   peak = max(flops.measure_matmul_peak(n, repeats=3) for n in (1024, 2048, 4096))
-  return {"framework": "jax", "step_s": times, "compile_s": compile_s, "first_loss": first_loss,
+  state = step.state
+  return {"framework": "jax", "step_s": times, "compile_s": step.compile_s,
+          "first_loss": step.first_loss,
           "params": count_params(state["params"]) + count_params(state["frozen"]),
           "matmul_peak": peak, "jax": jax.__version__,
           "conv_stem_impl": encoder.stem_impl(config.model.audio),

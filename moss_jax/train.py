@@ -123,6 +123,11 @@ def _check_same_shapes(params, abstract, source: str) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
+def not_started(step: int, last: dict) -> dict[str, Any]:
+  """train()'s result for a run a stop signal ended before its first step (nothing saved)."""
+  return {"step": step, "preempted": True, "started": False, "last": last, "first_loss": None}
+
+
 class Run:
   """Holds the pieces of one training run; `train()` is the loop."""
 
@@ -280,15 +285,18 @@ class Run:
 
   # -- loop
 
+  def _stopped_before_first_step(self, step: int, last: dict) -> dict[str, Any]:
+    self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
+                        "same command to start")
+    return not_started(step, last)
+
   def train(self) -> dict[str, Any]:
     cfg = self.config.train
     t_start = time.perf_counter()
     try:
       step = self.restore_or_init()  # compiles the init (and waits for nothing else)
     except distributed.Stopped:
-      self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
-                          "same command to start")
-      return {"step": 0, "preempted": True, "started": False, "last": {}, "first_loss": None}
+      return self._stopped_before_first_step(0, {})
     start_step = step
     acc = metrics.Accumulator()
     max_skips = cfg.max_consecutive_skips
@@ -335,10 +343,7 @@ class Run:
     except distributed.Stopped:
       preempted = True
     if preempted and step == start_step:
-      self.writer.console("stopped by signal before the first step; nothing to save, rerun the "
-                          "same command to start")
-      return {"step": step, "preempted": True, "started": False, "last": last_summary,
-              "first_loss": None}
+      return self._stopped_before_first_step(step, last_summary)
     self._stop_if_diverged(step, pending, max_skips)
     self.save(step, force=True)
     self.checkpointer.wait()
@@ -431,7 +436,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   except distributed.Stopped:
     print("stopped by signal during set-up; nothing to save, rerun the same command to start",
           flush=True)
-    return {"step": 0, "preempted": True, "started": False, "last": {}, "first_loss": None}
+    return not_started(0, {})
   try:
     return run.train()
   finally:

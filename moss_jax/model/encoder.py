@@ -93,8 +93,8 @@ def _conv_fwd(x, kernel):
 
 def _conv_bwd(residuals, dy):
   x, kernel = residuals
-  _, h, w, c_in = x.shape
-  _, ho, wo, c_out = dy.shape
+  _, h, w, _ = x.shape
+  _, ho, wo, _ = dy.shape
   dkernel = jnp.einsum("nhwk,nhwo->ko", _stride2_taps(x, ho, wo), dy).reshape(kernel.shape)
   per_tap = jnp.einsum("nhwo,abio->nhawbi", dy, kernel)  # [N, Ho, 3, Wo, 3, C_in]
   dx = _fold_taps(_fold_taps(per_tap, 1), 2)[:, :h, :w]
