@@ -41,3 +41,19 @@ def emit(record: dict, stream=None) -> None:
   stream = stream or sys.stdout
   stream.write(json.dumps(record) + "\n")
   stream.flush()
+
+
+def run_main(main) -> None:
+  """`sys.exit(main())` for a benchmark's `__main__`, with Ctrl-C as one line and exit 130.
+
+  An interrupt can land while XLA compiles on its own threads; the interpreter's normal teardown
+  would then free JAX's client under that compile (a segmentation fault), so the process ends
+  the way `moss_jax` commands end after Ctrl-C (`cli.exit_without_teardown`).
+  """
+  try:
+    code = main()
+  except KeyboardInterrupt:
+    from moss_jax import cli  # pylint: disable=import-outside-toplevel
+    print("interrupted", file=sys.stderr, flush=True)
+    cli.exit_without_teardown(130)
+  sys.exit(code)

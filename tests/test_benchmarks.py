@@ -94,3 +94,17 @@ def test_step_profile_reads_a_real_trace(tmp_path):
          '  %a = f32[4]{0} add(%p, %p), metadata={op_name="jit(f)/optimizer/add"}\n'
          "  ROOT %copy.1 = f32[4]{0} copy(%a)\n}\n")
   assert sp.instructions(hlo)["copy.1"] == ("f32[4]{0}", "jit(f)/optimizer/add")
+
+
+def test_a_benchmark_interrupted_exits_130_with_one_line():
+  """Ctrl-C in a benchmark (`common.run_main`): `interrupted`, exit 130, no traceback."""
+  import subprocess
+  import sys
+  code = ("from benchmarks import common\n"
+          "def main():\n"
+          "  raise KeyboardInterrupt\n"
+          "common.run_main(main)\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=vs_torch.common.REPO, timeout=120, check=False)
+  assert done.returncode == 130
+  assert done.stderr.strip() == "interrupted"
