@@ -134,7 +134,7 @@ def test_make_mesh_fills_minus_one():
 
 @pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2)])
 def test_sharded_gradients_with_the_stems_matmul_backward_match_single_device(shape, reference):
-  """The conv stem's custom backward pass (`conv_matmul_bwd`: taps, folds, einsums) under data,
+  """The conv stem's custom backward pass (`conv_matmul_bwd`: taps, folds, matmuls) under data,
   FSDP and tensor sharding gives the single-device gradients."""
   cfg, params, batch, _ = reference
   cfg = cfg.copy_and_resolve_references()

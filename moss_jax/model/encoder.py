@@ -24,8 +24,9 @@ CONV_FREQ_OUT = batch_lib.NUM_MEL_BINS // batch_lib.DOWNSAMPLE
 
 STEM_IMPLS = ("auto", "conv", "conv_matmul_bwd")
 # From this many stem channels on, the matmul backward pass beats XLA:CPU's convolution gradients
-# (`python -m benchmarks.conv_stem` on a 2-core AVX2 EPYC, stem forward + backward: 16 ch
-# 0.81-0.97x, 24 and 32 ch 1.11x, 64 ch 1.43x).
+# (`python -m benchmarks.conv_stem` on a 2-core AVX2 EPYC, stem forward + backward: 64 ch
+# 1.43-1.93x, 32 ch 1.08x, 24 ch 1.31x; 16 ch 0.97-1.10x alone but 0.93x in the demo's train step,
+# `python -m benchmarks.step_variants --shape demo`).
 MATMUL_BWD_MIN_CHANNELS_ON_CPU = 32
 
 
@@ -59,17 +60,33 @@ def _stride2_taps(x: Array, ho: int, wo: int) -> Array:
                           for a in range(3) for b in range(3)], axis=-1)
 
 
-def _fold_taps(t: Array, axis: int) -> Array:
-  """[.., M, 3, ..] (spatial `axis`, tap axis after it) -> [.., 2M, ..]: adds each tap's values
-  where that tap read them. Input row 2m is read by tap 1 of output m; row 2m + 1 by tap 2 of
-  output m and tap 0 of output m + 1 (the padding row -1 is dropped)."""
-  tap = lambda i: jax.lax.index_in_dim(t, i, axis + 1, keepdims=False)
-  next_row = jax.lax.slice_in_dim(tap(0), 1, None, axis=axis)
-  pads = [(0, 0)] * next_row.ndim
+def _shift_up(t: Array, axis: int) -> Array:
+  """t[m] <- t[m + 1] along `axis`, zero at the end: the next output's contribution."""
+  pads = [(0, 0)] * t.ndim
   pads[axis] = (0, 1)
-  folded = jnp.stack([tap(1), tap(2) + jnp.pad(next_row, pads)], axis=axis + 1)
-  shape = list(folded.shape)
-  return folded.reshape(shape[:axis] + [2 * shape[axis]] + shape[axis + 2:])
+  return jnp.pad(jax.lax.slice_in_dim(t, 1, None, axis=axis), pads)
+
+
+def _fold_taps(per_tap: Array) -> Array:
+  """[N, Ho, Wo, 3, 3, C] (each output's gradient for each of its nine inputs) ->
+  [N, 2Ho, 2Wo, C]: adds each tap's values where that tap read them.
+
+  Output m reads input rows 2m - 1, 2m, 2m + 1 with taps 0, 1, 2, so even row 2m is read only
+  by tap 1 of output m, odd row 2m + 1 by tap 2 of output m and tap 0 of output m + 1 (the
+  padding row -1 is dropped); the same for columns. The four (row, column) parity planes are
+  sums of taps, interleaved by one stack: one pass over per_tap in the layout the matmul wrote.
+  """
+  n, ho, wo, _, _, c = per_tap.shape
+  tap = lambda a, b: per_tap[:, :, :, a, b]
+  down, right = 1, 2
+  even_even = tap(1, 1)
+  even_odd = tap(1, 2) + _shift_up(tap(1, 0), right)
+  odd_even = tap(2, 1) + _shift_up(tap(0, 1), down)
+  odd_odd = (tap(2, 2) + _shift_up(tap(2, 0), right) + _shift_up(tap(0, 2), down)
+             + _shift_up(_shift_up(tap(0, 0), down), right))
+  planes = jnp.stack([jnp.stack([even_even, even_odd], 3), jnp.stack([odd_even, odd_odd], 3)],
+                     2)  # [N, Ho, 2, Wo, 2, C]
+  return planes.reshape(n, 2 * ho, 2 * wo, c)
 
 
 @jax.custom_vjp
@@ -93,11 +110,18 @@ def _conv_fwd(x, kernel):
 
 def _conv_bwd(residuals, dy):
   x, kernel = residuals
-  _, h, w, _ = x.shape
-  _, ho, wo, _ = dy.shape
-  dkernel = jnp.einsum("nhwk,nhwo->ko", _stride2_taps(x, ho, wo), dy).reshape(kernel.shape)
-  per_tap = jnp.einsum("nhwo,abio->nhawbi", dy, kernel)  # [N, Ho, 3, Wo, 3, C_in]
-  dx = _fold_taps(_fold_taps(per_tap, 1), 2)[:, :h, :w]
+  n, h, w, c_in = x.shape
+  _, ho, wo, c_out = dy.shape
+  positions = dy.reshape(n * ho * wo, c_out)
+  # dy is the left operand of both matmuls, so XLA:CPU multiplies the taps as they lie and
+  # writes per_tap in the order _fold_taps reads. With the taps on the left it first writes a
+  # transposed [9 C_in, positions] copy of them (118 MB at the mid shape's second convolution).
+  taps = _stride2_taps(x, ho, wo).reshape(n * ho * wo, 9 * c_in)
+  dkernel_t = jax.lax.dot_general(positions, taps, (((0,), (0,)), ((), ())))  # [C_out, 9 C_in]
+  dkernel = dkernel_t.T.reshape(kernel.shape)
+  per_tap = jax.lax.dot_general(positions, kernel.reshape(9 * c_in, c_out),
+                                (((1,), (1,)), ((), ())))  # [positions, 9 C_in]
+  dx = _fold_taps(per_tap.reshape(n, ho, wo, 3, 3, c_in))[:, :h, :w]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
