@@ -38,7 +38,7 @@ AREAS = (
     ("optimizer", "optimizer"),
     ("conv_stem", "audio_encoder.stem"),
     ("encoder_layers", "audio_encoder"),
-    ("deepstack", "deepstack"),
+    ("deepstack", "deepstack_audio_merger_list"),
     ("adapter", "audio_adapter"),
     ("llm_attention", "self_attn"),
     ("llm_mlp", "mlp"),
@@ -52,10 +52,13 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 def area_of(op_name: str) -> str:
   """The model area an op_name belongs to (AREAS), "other" when none. A path component names
-  a scope as itself or as its method's owner ("MossAudioModel.embed_with_audio")."""
+  a scope as itself, as its method's owner ("MossAudioModel.embed_with_audio") or as an item of
+  a list of submodules (Flax names them "<list>_<i>": "deepstack_audio_merger_list_0")."""
   scopes = re.split(r"[/()]", op_name)
   for area, name in AREAS:
-    if any(scope == name or scope.endswith("." + name) for scope in scopes):
+    item = re.compile(re.escape(name) + r"_\d+")
+    if any(scope == name or scope.endswith("." + name) or item.fullmatch(scope)
+           for scope in scopes):
       return area
   return "other"
 
