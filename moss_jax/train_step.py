@@ -689,14 +689,15 @@ class Program:
   def compile_step_in_background(self) -> None:
     """Starts compiling the train step for (abstract_state, abstract_batch) in a thread.
 
-    XLA compiles one program mostly on one core: started before the parameters are initialised
-    (whose own compile takes ~10 s of the demo's start on a 2-core CPU), the two overlap.
-    step() waits for it and then runs that executable; if the compile fails, or the executable
-    refuses the real arguments, step() falls back to the jitted function (which compiles then).
-    The thread then compiles the programs the run needs next, the fresh state's and the eval
-    step, whose first calls reuse them: the fresh state's compile (~2 s) then overlaps the
-    init's, and the eval step's (~5 s for the demo) the first steps; on a TPU/GPU host, whose
-    cores are idle while the devices train, that is time off the first evaluation.
+    Started before the parameters are initialised or restored, the two overlap: a restore's
+    reading fully, the init's compile where cores are to spare (XLA:CPU compiles the demo's step
+    on ~1.75 of 2 cores, so on a 2-core host the two compiles mostly take turns). step() waits
+    for it and then runs that executable; if the compile fails, or the executable refuses the
+    real arguments, step() falls back to the jitted function (which compiles then). The thread
+    then compiles the programs the run needs next, the fresh state's and the eval step, whose
+    first calls reuse them: the eval step's (~5 s for the demo) overlaps the first steps; on a
+    TPU/GPU host, whose cores are idle while the devices train, that is time off the first
+    evaluation.
     """
     result: dict[str, Any] = {}
     step_ready = threading.Event()  # step() waits for this, not for the programs after it
