@@ -43,6 +43,16 @@ def emit(record: dict, stream=None) -> None:
   stream.flush()
 
 
+def shape_list(parser, text: str, known) -> list[str]:
+  """`--shapes a,b` -> ["a", "b"], every name checked before anything runs (a typo in the last
+  shape used to surface only after the first shapes' minutes of work)."""
+  shapes = [s for s in text.split(",") if s]
+  unknown = [s for s in shapes if s not in known]
+  if unknown or not shapes:
+    parser.error(f"--shapes: unknown shape(s) {unknown or [text]}; choose from {sorted(known)}")
+  return shapes
+
+
 def run_main(main) -> None:
   """`sys.exit(main())` for a benchmark's `__main__`, with Ctrl-C as one line and exit 130.
 

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=5, help="timed calls per implementation a round")
   parser.add_argument("--quick", action="store_true", help="2 rounds of 2 calls")
   args = parser.parse_args(argv)
+  shapes = common.shape_list(parser, args.shapes, SHAPES)
   if args.quick:
     args.rounds, args.calls = 2, 2
   sys.path.insert(0, common.REPO)
@@ -65,9 +66,7 @@ def main(argv=None) -> int:
   import jax
   import numpy as np
 
-  for shape in filter(None, args.shapes.split(",")):
-    if shape not in SHAPES:
-      parser.error(f"--shapes: unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+  for shape in shapes:
     chunks, channels = SHAPES[shape]
     mel = np.random.default_rng(0).normal(size=(chunks, 128, 400)).astype(np.float32)
     fns, grads, times = {}, {}, {impl: [] for impl in IMPLS}

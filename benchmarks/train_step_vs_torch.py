@@ -342,6 +342,7 @@ def main(argv=None) -> int:
   parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  shapes = common.shape_list(parser, args.shapes, SHAPES)
   if args.child:
     run = run_jax if args.child == "jax" else run_torch
     overrides = dict(kv.split("=", 1) for kv in args.overrides.split(",") if kv)
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
   if args.quick:
     args.rounds, args.steps = 1, 2
   variants = parse_variants(args.variants)
-  for shape in args.shapes.split(","):
+  for shape in shapes:
     for fig in compare(shape, args.rounds, args.steps, variants):
       common.emit(fig)
   return 0

@@ -111,3 +111,17 @@ def test_a_benchmark_interrupted_exits_130_with_one_line():
                         cwd=vs_torch.common.REPO, timeout=120, check=False)
   assert done.returncode == 130
   assert done.stderr.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("module", ["conv_stem", "train_step_vs_torch"])
+def test_an_unknown_shape_stops_before_any_shape_runs(module, capsys, monkeypatch):
+  """`--shapes mid,big`: an argparse error naming 'big' before mid's minutes of work."""
+  import importlib
+  bench = importlib.import_module(f"benchmarks.{module}")
+  ran = []
+  monkeypatch.setattr(bench, "stem_grad_fn" if module == "conv_stem" else "compare",
+                      lambda *a, **k: ran.append(a) or [])
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--shapes", "mid,big"])
+  assert exit_info.value.code == 2 and not ran
+  assert "unknown shape(s) ['big']" in capsys.readouterr().err
