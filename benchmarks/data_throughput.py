@@ -26,7 +26,6 @@ import platform
 import sys
 import time
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 

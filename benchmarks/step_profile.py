@@ -156,14 +156,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.shape, args.steps = "demo", 1
-  overrides = dict(kv.split("=", 1) for kv in args.set.split(",") if kv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, common.REPO)
-  from moss_jax.config_validation import ConfigError
-  try:
-    config = vs_torch.checked_model_config(args.shape, overrides)
-  except (ValueError, ConfigError) as e:
-    parser.error(str(e))
+  variants, configs = vs_torch.checked_configs(parser, [args.shape], f"profiled:{args.set}")
+  overrides, config = variants["profiled"], configs[args.shape, "profiled"]
   with tempfile.TemporaryDirectory() as tmp:
     seconds, totals, info = profile(config, args.steps, args.trace_dir or tmp)
   step_ms = statistics.median(seconds) * 1e3

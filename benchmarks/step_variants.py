@@ -39,17 +39,11 @@ def main(argv=None) -> int:
     args.shape, args.steps = "demo", 3
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, common.REPO)
-  from moss_jax.config_validation import ConfigError
-  try:
-    variants = vs_torch.parse_variants(args.variants)
-    configs = {name: vs_torch.checked_model_config(args.shape, overrides)
-               for name, overrides in variants.items()}
-  except (ValueError, ConfigError) as e:
-    parser.error(str(e))
+  variants, configs = vs_torch.checked_configs(parser, [args.shape], args.variants)
   from moss_jax import host_memory
   host_memory.retain_freed_memory_on_cpu()
 
-  runs = {name: {"step": vs_torch.JaxStep(configs[name]), "wall": [], "cpu": [],
+  runs = {name: {"step": vs_torch.JaxStep(configs[args.shape, name]), "wall": [], "cpu": [],
                  "overrides": overrides} for name, overrides in variants.items()}
   for _ in range(args.steps):
     for run in runs.values():

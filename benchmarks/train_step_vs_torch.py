@@ -46,12 +46,23 @@ from benchmarks import common
 SHAPES = ("mid", "demo")
 
 
+def parse_overrides(text: str) -> dict[str, str]:
+  """'model.x=1,model.y=z' -> {'model.x': '1', 'model.y': 'z'}."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+      raise ValueError(f"{item!r}: an override is KEY=VALUE, e.g. model.scan_unroll=1")
+    out[key.strip()] = value
+  return out
+
+
 def parse_variants(text: str) -> dict[str, dict[str, str]]:
   """'a;b:model.x=1,model.y=z' -> {'a': {}, 'b': {'model.x': '1', 'model.y': 'z'}}."""
   out = {}
   for entry in filter(None, (e.strip() for e in text.split(";"))):
     name, _, sets = entry.partition(":")
-    out[name] = dict(kv.split("=", 1) for kv in sets.split(",") if kv)
+    out[name] = parse_overrides(sets)
   if not out:
     raise ValueError(f"--variants names no variant: {text!r}")
   return out
@@ -70,7 +81,14 @@ def apply_overrides(config, overrides: dict[str, str]):
     if leaf not in node:
       raise ValueError(f"{key}={raw}: the config has no field {leaf!r}")
     old = node[leaf]
-    node[leaf] = raw if isinstance(old, str) else ast.literal_eval(raw)
+    if isinstance(old, str):
+      node[leaf] = raw
+      continue
+    try:
+      node[leaf] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      raise ValueError(f"{key}={raw}: not a Python literal like the field's "
+                       f"{type(old).__name__} {old!r}") from None
   return config
 
 
@@ -103,6 +121,19 @@ def checked_model_config(shape: str, overrides: dict[str, str] | None = None):
   config = model_config(shape, overrides)
   config_validation.validate(config, num_devices=1, check_paths=False)
   return config
+
+
+def checked_configs(parser, shapes, variants: str):
+  """(variants, {(shape, variant name): config}) for `--variants` text, every config parsed
+  and validated before anything runs: a malformed override, a key the config lacks or a value
+  `moss_jax.train` would reject is one usage error (exit 2), not a traceback minutes in."""
+  from moss_jax.config_validation import ConfigError
+  try:
+    parsed = parse_variants(variants)
+    return parsed, {(shape, name): checked_model_config(shape, overrides)
+                    for shape in shapes for name, overrides in parsed.items()}
+  except (ValueError, ConfigError) as e:
+    parser.error(str(e))
 
 
 AUDIO_ID = 3  # placeholder id in both frameworks' inputs
@@ -345,12 +376,12 @@ def main(argv=None) -> int:
   shapes = common.shape_list(parser, args.shapes, SHAPES)
   if args.child:
     run = run_jax if args.child == "jax" else run_torch
-    overrides = dict(kv.split("=", 1) for kv in args.overrides.split(",") if kv)
+    overrides = parse_overrides(args.overrides)
     print(json.dumps(run(args.shapes, args.steps, overrides)))
     return 0
   if args.quick:
     args.rounds, args.steps = 1, 2
-  variants = parse_variants(args.variants)
+  variants, _ = checked_configs(parser, shapes, args.variants)
   for shape in shapes:
     for fig in compare(shape, args.rounds, args.steps, variants):
       common.emit(fig)

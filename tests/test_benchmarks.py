@@ -125,3 +125,23 @@ def test_an_unknown_shape_stops_before_any_shape_runs(module, capsys, monkeypatc
     bench.main(["--shapes", "mid,big"])
   assert exit_info.value.code == 2 and not ran
   assert "unknown shape(s) ['big']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variants,message", [
+    ("jax;b:model.attentoin=xla", "no field 'attentoin'"),
+    ("jax;b:model.scan_unroll", "an override is KEY=VALUE"),
+    ("jax;b:model.scan_unroll=abc", "not a Python literal like the field's int"),
+    ("a;b:model.audio.conv_stem_impl=patches", "conv_stem_impl='patches'"),
+    (" ; ", "names no variant")])
+def test_bad_variants_are_one_usage_error_before_anything_runs(variants, message, capsys):
+  """train_step_vs_torch, step_variants and step_profile check every config up front."""
+  import argparse
+  parser = argparse.ArgumentParser(prog="bench")
+  with pytest.raises(SystemExit) as exit_info:
+    vs_torch.checked_configs(parser, ["demo", "mid"], variants)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  parsed, configs = vs_torch.checked_configs(parser, ["demo"], "a;b:model.scan_unroll=2")
+  assert parsed == {"a": {}, "b": {"model.scan_unroll": "2"}}
+  assert configs["demo", "b"].model.scan_unroll == 2 and set(configs) == {("demo", "a"),
+                                                                         ("demo", "b")}
