@@ -171,9 +171,10 @@ class Run:
     next(self.loader)
     self.loader.set_state([start])
     self.program = ts.build_program(config, self.mesh)
-    # The train step compiles while the parameters are initialised or restored (both compile
-    # too; XLA uses mostly one core per compile): ~10 s off the demo's start on 2 cores.
-    self.program.compile_step_in_background()
+    # With cores to spare, the train step compiles while the parameters are initialised or
+    # restored; otherwise once they are (train()), which starts the first step sooner there.
+    if ts.compile_overlaps_init():
+      self.program.compile_step_in_background()
     # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
     # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
     self.loader = ts.DevicePrefetch(self.loader, self.program.global_batch,
@@ -295,6 +296,7 @@ class Run:
     t_start = time.perf_counter()
     try:
       step = self.restore_or_init()  # compiles the init (and waits for nothing else)
+      self.program.compile_step_in_background()  # unless __init__ started it
     except distributed.Stopped:
       return self._stopped_before_first_step(0, {})
     start_step = step

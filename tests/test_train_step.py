@@ -197,6 +197,9 @@ def test_initialisation_from_reference_format_directories(full_program, tmp_path
 def test_step_compiled_in_background_matches_the_jitted_step(caplog):
   ahead, plain = _program(), _program()
   ahead.compile_step_in_background()
+  thread = ahead._compiling[0]
+  ahead.compile_step_in_background()  # already started: starts nothing
+  assert ahead._compiling[0] is thread
   batch = ts.synthetic_batch(ahead.config, seed=5)
   states = [p.init_state(jax.random.key(0)) for p in (ahead, plain)]
   outs = [p.step(s, p.global_batch(batch)) for p, s in zip((ahead, plain), states)]
@@ -213,6 +216,33 @@ def test_step_compiled_in_background_matches_the_jitted_step(caplog):
   assert odd._compiled_step is None
   assert "refused the arguments" in caplog.text
   assert _leaves_equal(out, outs[1])
+
+
+@pytest.mark.parametrize("cores,overlapped", [(2, False), (64, True)])
+def test_run_compiles_the_step_during_the_init_only_with_cores_to_spare(tmp_path, monkeypatch,
+                                                                        cores, overlapped):
+  """A few-core host compiles the train step once the parameters exist (the two compiles only
+  contend there); a many-core host starts it before, so it overlaps the init or a restore.
+  Either way the step that runs is the one compiled ahead, started once."""
+  from moss_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from test_train_helpers import run_config  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(ts.os, "sched_getaffinity", lambda pid: set(range(cores)))
+  run = train_lib.Run(run_config({"train.steps": 2}), str(tmp_path / "run"))
+  compiling_during_init = []
+  real_init = run.restore_or_init
+
+  def init():
+    compiling_during_init.append(run.program._compiling is not None)
+    return real_init()
+
+  monkeypatch.setattr(run, "restore_or_init", init)
+  try:
+    result = run.train()
+  finally:
+    run.close()
+  assert compiling_during_init == [overlapped]
+  assert result["step"] == 2
+  assert run.program._compiled_step is not None  # the steps ran the executable compiled ahead
 
 
 _COMPILES_AFTER_THE_START = r'''
