@@ -13,7 +13,7 @@ from moss_jax import batch as batch_lib
 from moss_jax import optim
 from moss_jax import sharding
 from moss_jax import train_step as ts
-from test_train_helpers import tiny_config
+from test_train_helpers import run_config, tiny_config
 
 
 def _program(**kw):
@@ -223,9 +223,8 @@ def test_run_compiles_the_step_during_the_init_only_with_cores_to_spare(tmp_path
                                                                         cores, overlapped):
   """A few-core host compiles the train step once the parameters exist (the two compiles only
   contend there); a many-core host starts it before, so it overlaps the init or a restore.
-  Either way the step that runs is the one compiled ahead, started once."""
+  Either way the steps run the executable compiled ahead."""
   from moss_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  from test_train_helpers import run_config  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(ts.os, "sched_getaffinity", lambda pid: set(range(cores)))
   run = train_lib.Run(run_config({"train.steps": 2}), str(tmp_path / "run"))
   compiling_during_init = []
