@@ -151,6 +151,21 @@ _COMPILED: dict = {}
 _COMPILED_KEEP = 8  # programs kept (a model's eval and generate settings; tests make many)
 
 
+def rolled_scans(model):
+  """`model` with its layer scans rolled (model.scan_unroll 1), for decoding.
+
+  Unrolled scans pay in a train step's backward pass (the scans' stacked residual buffers),
+  which decoding does not have; rolled, the decode program is smaller: the demo's (8 eval
+  clips, 48 new tokens) compiled in 3.8-4.4 s instead of 5.0-5.7 s (3 alternating runs each on
+  the 2-core CPU) and decoded as fast. The parameters are the same; `model` is not changed.
+  """
+  if model.config.get("scan_unroll", 1) == 1:
+    return model
+  config = model.config.copy_and_resolve_references()
+  config.scan_unroll = 1
+  return MossAudioModel(config)
+
+
 def _decode_fn(model, mesh, **static):
   """One jitted decode program per (model object, settings, mesh); jit itself retraces for new
   shapes. Modules holding a ConfigDict are not hashable, so the model is closed over, and the
@@ -159,7 +174,8 @@ def _decode_fn(model, mesh, **static):
   entry = _COMPILED.pop(key, None)
   if entry is None:
     out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    entry = (model, jax.jit(functools.partial(_decode, model, **static), out_shardings=out_sh))
+    entry = (model, jax.jit(functools.partial(_decode, rolled_scans(model), **static),
+                            out_shardings=out_sh))
   _COMPILED[key] = entry  # most recently used last
   while len(_COMPILED) > _COMPILED_KEEP:
     del _COMPILED[next(iter(_COMPILED))]

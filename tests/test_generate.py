@@ -96,6 +96,22 @@ def test_cached_greedy_equals_full_recompute_token_for_token(tiny):
   assert all(len(set(w)) > 3 for w in want), want  # not a degenerate constant stream
 
 
+def test_a_model_with_unrolled_scans_decodes_with_rolled_ones(tiny):
+  """The demo trains with its layer scans unrolled (model.scan_unroll 4); its decode program is
+  built from a rolled copy of the model (smaller, faster to compile), which decodes the same
+  parameters to the same tokens as the whole model recomputed, and leaves the model as it was."""
+  config, _, params = tiny
+  unrolled_config = config.model.copy_and_resolve_references()
+  unrolled_config.scan_unroll = 4
+  unrolled = MossAudioModel(config=unrolled_config)
+  assert decoding.rolled_scans(unrolled).config.scan_unroll == 1
+  batch = _prompts(config, rows=2, seed=6)
+  got = generate.generate(unrolled, params, batch, max_new_tokens=12, stop_ids=NO_STOP,
+                          pad_id=PAD)
+  assert unrolled.config.scan_unroll == 4
+  assert got.tolist() == _full_recompute(unrolled, params, batch, config, 12)
+
+
 def test_batch_of_different_lengths_on_a_mesh_gives_each_prompt_its_own_tokens(tiny):
   """3 prompts of different lengths decoded together, sharded on the 8-device mesh (rows padded
   to 8), give each row exactly the tokens it gets alone on one device."""
