@@ -171,10 +171,6 @@ class Run:
     next(self.loader)
     self.loader.set_state([start])
     self.program = ts.build_program(config, self.mesh)
-    # With cores to spare, the train step compiles while the parameters are initialised or
-    # restored; otherwise once they are (train()), which starts the first step sooner there.
-    if ts.compile_overlaps_init():
-      self.program.compile_step_in_background()
     # The next batches are placed on the devices while a step runs (train.prefetch_to_device);
     # the wrapper also keeps the loader state of the batches consumed, for checkpoints.
     self.loader = ts.DevicePrefetch(self.loader, self.program.global_batch,
@@ -295,8 +291,14 @@ class Run:
     cfg = self.config.train
     t_start = time.perf_counter()
     try:
+      # With cores to spare, the train step compiles while the parameters are initialised or
+      # restored; otherwise once they are, which starts the first step sooner there.
+      overlap = ts.compile_overlaps_init()
+      if overlap:
+        self.program.compile_step_in_background()
       step = self.restore_or_init()  # compiles the init (and waits for nothing else)
-      self.program.compile_step_in_background()  # unless __init__ started it
+      if not overlap:
+        self.program.compile_step_in_background()
     except distributed.Stopped:
       return self._stopped_before_first_step(0, {})
     start_step = step
